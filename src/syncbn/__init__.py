@@ -1,0 +1,19 @@
+"""syncbn: synchronized batch normalization for PyTorch, on any torch.distributed backend.
+
+Torch flavour here; Paddle flavour in :mod:`syncbn.paddle_compat`.
+"""
+
+from . import functional as functional
+from .convert import convert_sync_batchnorm as convert_sync_batchnorm
+from .convert import revert_sync_batchnorm as revert_sync_batchnorm
+from .modules import SyncBatchNorm as SyncBatchNorm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SyncBatchNorm",
+    "__version__",
+    "convert_sync_batchnorm",
+    "functional",
+    "revert_sync_batchnorm",
+]

@@ -1,0 +1,128 @@
+"""The autograd Function of training-mode batch normalization over a process group.
+
+Forward (one collective)::
+
+    local moments (Σx, m2)  →  all_reduce [Σx, Σx², count]  →  μ, σ² of the global batch
+    y = w·(x − μ)·invstd + β,   invstd = 1/√(σ² + eps)
+
+Backward (one collective)::
+
+    local [Σdy, Σdy·x̂]  →  all_reduce  →  dx = a·dy + b·x + c   (see input_grad_coefficients)
+    grad_weight = local Σdy·x̂,  grad_bias = local Σdy   (DDP sums them, as for torch)
+
+The normalization and the gradient reductions use torch's own batch-norm
+kernels with the *global* statistics plugged in, so the layout (channels_last
+included) is handled by the fastest kernel torch has for it. Only the input and
+O(C) values are saved for backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import _comm, _stats
+
+SingleValuePolicy = Literal["raise", "identity"]
+"""What a training step does when the global batch has one value per channel:
+``"raise"`` torch's error (Torch), ``"identity"`` return the input, stats untouched (Paddle)."""
+
+
+def single_value_error(count: int) -> ValueError:
+    """torch's error for a training batch with one value per channel."""
+    return ValueError(f"Expected more than 1 value per channel when training, got input size {count}")
+
+
+def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
+              bias: Tensor | None) -> Tensor:
+    """``w·(x − μ)·invstd + β`` with per-channel ``μ``, ``invstd`` in the accumulation dtype.
+
+    Runs torch's inference batch-norm kernel with ``var = 1``, ``eps = 0`` and the
+    scale ``w·invstd``: it keeps the input's dtype and memory format.
+    """
+    scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
+    shift = None if bias is None else bias.to(inv_std.dtype)
+    ones = torch.ones_like(inv_std)
+    return torch.batch_norm(x, scale, shift, mean, ones, False, 0.0, 0.0, False)
+
+
+def affine_map(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``scale·x + shift`` per channel, in ``x``'s dtype and memory format."""
+    zeros = torch.zeros_like(scale)
+    ones = torch.ones_like(scale)
+    return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)
+
+
+def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _stats.GradSums:
+    """``Σdy`` and ``Σdy·x̂`` over this rank's shard, from torch's backward reduction kernel."""
+    if x.numel() == 0:
+        zeros = torch.zeros_like(mean)
+        return _stats.GradSums(zeros, zeros.clone())
+    _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+        dy, x, None, None, None, mean, inv_std, True, 0.0, [False, True, True]
+    )
+    return _stats.GradSums(sum_dy.to(mean.dtype), sum_dy_xhat.to(mean.dtype))
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Batch statistics of the whole group; exact gradients through them."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        eps: float,
+        decay: float,
+        unbiased_var: bool,
+        process_group: _comm.ProcessGroup | None,
+        single_value: SingleValuePolicy,
+    ) -> Tensor:
+        moments = _stats.local_moments(x)
+        packed = _stats.pack_local_moments(moments)
+        if process_group is not None:
+            packed = _comm.reduce_forward(packed, process_group)  # 2C + 1 float64
+        stats = _stats.merge_global_moments(packed)
+
+        ctx.process_group = process_group
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.identity = False
+        # A global count of 1 is only possible where the local count is <= 1, so
+        # the host read (a device sync on accelerators) is confined to that case.
+        if moments.count <= 1 and int(stats.count.item()) == 1:
+            if single_value == "raise":
+                raise single_value_error(1)
+            ctx.identity = True
+            return x.clone()
+
+        _stats.update_running_stats(running_mean, running_var, stats, decay, unbiased_var)
+        acc = _stats.acc_dtype(x.dtype)
+        mean = stats.mean.to(acc)
+        inv_std = _stats.invstd(stats.var, eps).to(acc)
+        ctx.save_for_backward(x, weight, mean, inv_std, stats.count)
+        return normalize(x, mean, inv_std, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        nones = (None,) * 7
+        if ctx.identity:
+            return (dy, None, None, *nones)
+        x, weight, mean, inv_std, count = ctx.saved_tensors
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        sums = local_grad_sums(dy, x, mean, inv_std)
+        grad_weight = sums.sum_dy_xhat.to(weight.dtype) if need_weight else None
+        grad_bias = sums.sum_dy.to(ctx.bias_dtype) if need_bias else None
+        grad_input = None
+        if need_input:
+            packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat])  # C, C -> 2C
+            if ctx.process_group is not None:
+                packed = _comm.reduce_backward(packed, ctx.process_group)
+            global_sums = _stats.GradSums(*packed.chunk(2))
+            a, b, c = _stats.input_grad_coefficients(global_sums, count, mean, inv_std, weight)
+            grad_input = affine_map(x, b, c).addcmul_(dy, _stats.channel_view(a, x.dim()))
+        return (grad_input, grad_weight, grad_bias, *nones)

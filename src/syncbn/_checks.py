@@ -1,0 +1,113 @@
+"""Input and argument validation: one checker per condition.
+
+Each error says what was expected, what arrived and how to fix it, and uses
+torch's exact text where torch rejects the same input.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+MIN_NDIM = 2
+MAX_NDIM = 5
+
+
+def check_tensor(value: object, what: str = "input") -> Tensor:
+    """Raise ``TypeError`` unless ``value`` is a ``torch.Tensor``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(
+            f"SyncBatchNorm expected {what} to be a torch.Tensor, got "
+            f"{type(value).__name__}; convert it with torch.as_tensor(...)"
+        )
+    return value
+
+
+def check_ndim(input: Tensor) -> None:
+    """Input rank must be 2–5: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)``, ``(N, C, D, H, W)``."""
+    ndim = input.dim()
+    if ndim < MIN_NDIM:
+        # torch's text for the same rejection
+        raise ValueError(f"expected at least 2D input (got {ndim}D input)")
+    if ndim > MAX_NDIM:
+        raise ValueError(
+            f"expected at most 5D input (got {ndim}D input): SyncBatchNorm takes "
+            "(N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); fold extra "
+            "spatial dims into one, e.g. input.flatten(4)"
+        )
+
+
+def check_channels(input: Tensor, num_features: int | None) -> None:
+    """Dim 1 must be non-zero and, when known, equal ``num_features``."""
+    channels = input.size(1)
+    if channels == 0:
+        # torch's text for the same rejection
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+    if num_features is not None and channels != num_features:
+        raise ValueError(
+            f"SyncBatchNorm expected input with {num_features} channels at dim 1, got "
+            f"{channels} (input shape {tuple(input.shape)}); channels come second, "
+            "(N, C, ...): permute channel-last data, or build the layer with "
+            f"num_features={channels}"
+        )
+
+
+def check_floating(input: Tensor) -> None:
+    """Batch normalization needs a floating-point input."""
+    if not input.is_floating_point():
+        raise TypeError(
+            "SyncBatchNorm expected a floating-point input (float16, bfloat16, float32 "
+            f"or float64), got {input.dtype}; convert it with input.float()"
+        )
+
+
+def check_per_channel(name: str, value: Tensor | None, channels: int) -> None:
+    """A weight, bias or running buffer must be a 1-D tensor of ``channels`` values."""
+    if value is None:
+        return
+    check_tensor(value, name)
+    if value.dim() != 1 or value.numel() != channels:
+        # torch's text ("running_mean should contain 3 elements not 4") plus the fix
+        raise ValueError(
+            f"{name} should contain {channels} elements not {value.numel()}: "
+            f"expected shape ({channels},) to match the input's channels, got "
+            f"{tuple(value.shape)}"
+        )
+
+
+def check_num_features(num_features: object) -> int:
+    """``num_features`` must be a positive int."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int):
+        raise TypeError(
+            f"SyncBatchNorm expected num_features to be an int, got "
+            f"{type(num_features).__name__} ({num_features!r})"
+        )
+    if num_features <= 0:
+        raise ValueError(
+            f"SyncBatchNorm expected num_features > 0, got {num_features}; it is the "
+            "number of channels C of an (N, C, ...) input"
+        )
+    return num_features
+
+
+def check_momentum(momentum: object, allow_none: bool) -> None:
+    """Torch momentum: a float in [0, 1], or ``None`` (cumulative average) on modules."""
+    if momentum is None and allow_none:
+        return
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        fix = "a float in [0, 1], or None for a cumulative average" if allow_none else (
+            "a float in [0, 1]; the module computes 1/num_batches_tracked for None"
+        )
+        raise TypeError(f"expected momentum to be {fix}, got {momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(
+            f"expected momentum in [0, 1] (the weight of the new batch statistic), got "
+            f"{momentum}"
+        )
+
+
+def check_eps(eps: object) -> None:
+    """eps must be a non-negative number."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"expected eps to be a float, got {eps!r}")
+    if not float(eps) >= 0.0:
+        raise ValueError(f"expected eps >= 0, got {eps}")

@@ -1,0 +1,123 @@
+"""Swap BatchNorm layers of a model for :class:`~syncbn.SyncBatchNorm` and back.
+
+Both directions share the parameter and buffer *tensors* with the layer they
+replace (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), so an
+optimizer built before the swap keeps working, ``requires_grad``, device and
+dtype are untouched, and a round trip is lossless.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.lazy import LazyModuleMixin
+
+from . import _comm
+from .modules import SyncBatchNorm
+
+__all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
+
+_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_BY_NDIM: dict[int, type[_BatchNorm]] = {
+    2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d,
+}
+
+
+def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
+    """Give ``target`` the very parameter and buffer tensors of ``source``, its mode and qconfig."""
+    target.weight = source.weight
+    target.bias = source.bias
+    target.running_mean = source.running_mean
+    target.running_var = source.running_var
+    target.num_batches_tracked = source.num_batches_tracked
+    target.train(source.training)
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
+    return target
+
+
+def _check_group(process_group: _comm.ProcessGroup | None) -> None:
+    if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
+        _comm.resolve_group(process_group)  # raises the error that fits
+
+
+def convert_sync_batchnorm(
+    module: nn.Module, process_group: _comm.ProcessGroup | None = None
+) -> nn.Module:
+    """Replace every BatchNorm1d/2d/3d and ``torch.nn.SyncBatchNorm`` in ``module``'s tree.
+
+    Returns ``module`` with the layers replaced in place, or the new layer when
+    ``module`` itself is one. Layers that already are :class:`syncbn.SyncBatchNorm`
+    stay, and take ``process_group`` when one is given.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``, or ``process_group`` is not
+            a ProcessGroup.
+        ValueError: a lazy BatchNorm has not been initialized yet.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(
+            f"convert_sync_batchnorm expected an nn.Module, got {type(module).__name__}"
+        )
+    _check_group(process_group)
+    if isinstance(module, SyncBatchNorm):
+        if process_group is not None:
+            module.process_group = process_group
+        return module
+    if isinstance(module, LazyModuleMixin) and isinstance(module, _BatchNorm):
+        raise ValueError(
+            f"convert_sync_batchnorm got an uninitialized {type(module).__name__}: its "
+            "number of channels is not known yet; run one forward pass first"
+        )
+    output = module
+    if isinstance(module, _CONVERTIBLE):
+        output = SyncBatchNorm(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, process_group, device="meta",
+        )
+        _move_state(module, output)
+        output._syncbn_source_cls = type(module)
+    for name, child in module.named_children():
+        output.add_module(name, convert_sync_batchnorm(child, process_group))
+    return output
+
+
+def _revert_class(layer: SyncBatchNorm) -> type[_BatchNorm]:
+    """The class it came from, else the one the last input's rank implies, else BatchNorm2d."""
+    source = layer._syncbn_source_cls
+    if source is not None and issubclass(source, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return source
+    if layer._syncbn_input_ndim is not None:
+        return _BY_NDIM[layer._syncbn_input_ndim]
+    return nn.BatchNorm2d
+
+
+def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every :class:`syncbn.SyncBatchNorm` in the tree by a plain BatchNorm1d/2d/3d.
+
+    The class is the one ``convert_sync_batchnorm`` replaced; otherwise it is
+    inferred from the rank of the last input the layer saw (2 or 3 → 1d,
+    4 → 2d, 5 → 3d), otherwise BatchNorm2d. Parameters and buffers are shared,
+    so the result runs, and exports, anywhere torch does.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"revert_sync_batchnorm expected an nn.Module, got {type(module).__name__}")
+    output = module
+    if isinstance(module, SyncBatchNorm):
+        cls = _revert_class(module)
+        try:
+            output = cls(  # type: ignore[call-arg]
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, device="meta",
+            )
+        except TypeError:  # a subclass with its own constructor: use its BatchNorm base
+            base = next(c for c in cls.__mro__ if c in _BY_NDIM.values())
+            output = base(
+                module.num_features, module.eps, module.momentum, module.affine,
+                module.track_running_stats, device="meta",
+            )
+        _move_state(module, output)
+    for name, child in module.named_children():
+        output.add_module(name, revert_sync_batchnorm(child))
+    return output

@@ -1,0 +1,114 @@
+"""``SyncBatchNorm``, the Torch-flavour layer: a drop-in for ``torch.nn.SyncBatchNorm``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import _checks, _comm
+from .functional import sync_batch_norm
+
+__all__ = ["SyncBatchNorm"]
+
+
+class SyncBatchNorm(_BatchNorm):
+    r"""Batch normalization over the global batch of a process group, on any device and backend.
+
+    Same constructor, parameters, buffers and ``state_dict`` keys as
+    ``torch.nn.SyncBatchNorm``, and the same semantics: in training,
+    ``y = (x − μ)/√(σ² + eps)·weight + bias`` with μ and the biased σ² of every
+    value of the channel on every rank of ``process_group`` (default: the world);
+    ``running ← (1 − momentum)·running + momentum·batch`` with the unbiased global
+    variance, ``momentum=None`` giving the cumulative average. In eval the running
+    statistics normalize without any communication. Unlike torch's layer it trains
+    on CPU (gloo) as well as on accelerators, with uneven and empty per-rank
+    batches, using one all-reduce of ``2C + 1`` values forward and one of ``2C``
+    backward.
+
+    Without an initialized process group, or with a group of one rank, it is
+    exactly ``torch.nn.BatchNorm{1,2,3}d`` (see ``functional.local_fallback_applies``).
+
+    Shape:
+        Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
+        contiguous or channels_last(_3d); output of the same shape and memory format.
+    """
+
+    process_group: _comm.ProcessGroup | None
+    _syncbn_input_ndim: int | None
+    """Rank of the last input seen, so ``revert_sync_batchnorm`` can pick BatchNorm1d/2d/3d."""
+    _syncbn_source_cls: type[_BatchNorm] | None
+    """The class ``convert_sync_batchnorm`` replaced, restored by ``revert_sync_batchnorm``."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: _comm.ProcessGroup | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        _checks.check_num_features(num_features)
+        _checks.check_eps(eps)
+        _checks.check_momentum(momentum, allow_none=True)
+        if process_group is not None and not isinstance(
+            process_group, torch.distributed.ProcessGroup
+        ):
+            _comm.resolve_group(process_group)  # raises the error that fits
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+        self._syncbn_input_ndim = None
+        self._syncbn_source_cls = None
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _checks.check_ndim(input)
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input``; in training with global batch statistics (see the class doc)."""
+        _checks.check_tensor(input)
+        self._check_input_dim(input)
+        _checks.check_channels(input, self.num_features)
+        self._syncbn_input_ndim = input.dim()
+
+        factor = 0.0 if self.momentum is None else self.momentum
+        tracked_steps = self.num_batches_tracked
+        if self.training and self.track_running_stats and tracked_steps is not None:
+            tracked_steps.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                factor = 1.0 / float(tracked_steps.item())
+        # as torch: batch statistics in training, and in eval when nothing is tracked
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        tracked = not self.training or self.track_running_stats
+        running_mean = self.running_mean if tracked else None
+        running_var = self.running_var if tracked else None
+        # Eval never synchronizes (as torch): with track_running_stats=False it
+        # normalizes with this rank's own batch statistics.
+        group = self.process_group if self.training else None
+        if use_batch_stats and not self.training:
+            return torch.nn.functional.batch_norm(
+                input, None, None, self.weight, self.bias, True, factor, self.eps
+            )
+        return sync_batch_norm(
+            input, running_mean, running_var, self.weight, self.bias,
+            training=use_batch_stats, momentum=factor, eps=self.eps, process_group=group,
+        )
+
+    def extra_repr(self) -> str:
+        group = "" if self.process_group is None else ", process_group=<custom>"
+        return super().extra_repr() + group
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: _comm.ProcessGroup | None = None
+    ) -> torch.nn.Module:
+        """Same as :func:`syncbn.convert_sync_batchnorm`."""
+        from .convert import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(module, process_group)

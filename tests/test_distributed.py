@@ -1,0 +1,275 @@
+"""syncbn on real gloo groups == torch BatchNorm on the concatenated global batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import harness
+import syncbn
+from bn_cases import Case, assert_matches_oracle, run_syncbn
+from syncbn.functional import sync_batch_norm
+
+CASES = {
+    # world size 2 and 3, uneven, with an empty rank, every input rank
+    "2d-uneven-empty": Case(sizes=(5, 0, 3), spatial=()),
+    "3d-uneven": Case(sizes=(2, 5), spatial=(7,)),
+    "4d-uneven-empty": Case(sizes=(3, 0, 2)),
+    "5d-uneven": Case(sizes=(1, 2, 3), spatial=(2, 3, 2)),
+    "4d-channels_last": Case(sizes=(2, 3), channels_last=True),
+    "5d-channels_last_3d-empty": Case(sizes=(2, 0, 1), spatial=(2, 2, 3), channels_last=True),
+    "momentum-none": Case(sizes=(4, 1, 2), momentum=None, steps=3),
+    "affine-false": Case(sizes=(2, 3), affine=False),
+    "no-running-stats": Case(sizes=(3, 0, 2), track_running_stats=False),
+    "one-value-per-rank": Case(sizes=(1, 1), spatial=()),
+    "float32": Case(sizes=(4, 3), dtype="float32", channels=5),
+    "bfloat16": Case(sizes=(4, 3), dtype="bfloat16"),
+    "subgroups-2x2": Case(sizes=(3, 1), groups=((0, 1), (2, 3))),
+}
+
+
+def _world_size(case: Case) -> int:
+    return sum(len(g) for g in case.groups) if case.groups else len(case.sizes)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_batchnorm_on_global_batch(case: Case) -> None:
+    results = harness.run_ranks(_world_size(case), run_syncbn, case)
+    assert_matches_oracle(case, results)
+
+
+def test_channels_last_output_keeps_format() -> None:
+    case = CASES["4d-channels_last"]
+    results = harness.run_ranks(2, run_syncbn, case)
+    assert all(step["is_channels_last"] for r in results for step in r["steps"])
+
+
+def _subgroups_differ() -> list[float]:
+    """Two groups of 2 get different data, so their statistics must differ."""
+    case = CASES["subgroups-2x2"]
+    result = run_syncbn(case)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, result["running_mean"])
+    return [float((gathered[0] - g).abs().max()) for g in gathered]
+
+
+def test_subgroups_keep_their_own_statistics() -> None:
+    diffs = harness.run_ranks(4, _subgroups_differ)[0]
+    assert diffs[1] == 0.0  # same group, bitwise identical
+    assert diffs[2] > 1e-3 and diffs[3] > 1e-3  # the other group's statistics
+
+
+# --- communication: counted, not timed --------------------------------------------------
+
+
+def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
+    calls: list[tuple[str, int, str]] = []
+    original = dist.all_reduce
+
+    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        calls.append(("all_reduce", tensor.numel() * tensor.element_size(), str(tensor.dtype)))
+        return original(tensor, *args, **kwargs)
+
+    module = syncbn.SyncBatchNorm(channels)
+    x = torch.randn(3 + dist.get_rank(), channels, 4, 4, requires_grad=True)
+    dist.all_reduce = counting
+    try:
+        module(x).sum().backward()
+        train_calls = list(calls)
+        calls.clear()
+        module.eval()
+        if not eval_alone or dist.get_rank() == 0:  # a rank that evaluates alone must not hang
+            with torch.no_grad():
+                module(x)
+        eval_calls = list(calls)
+    finally:
+        dist.all_reduce = original
+    return {"train": train_calls, "eval": eval_calls}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_one_collective_each_way_of_constant_size(world_size: int) -> None:
+    channels = 16
+    results = harness.run_ranks(world_size, _count_collectives, channels, True)
+    for result in results:
+        forward, backward = result["train"]
+        assert forward == ("all_reduce", 8 * (2 * channels + 1), "torch.float64")
+        assert backward == ("all_reduce", 4 * 2 * channels, "torch.float32")
+        total = forward[1] + backward[1]
+        assert total <= 8 * (4 * channels + 2)
+        assert result["eval"] == []
+
+
+# --- DDP end to end -----------------------------------------------------------------------
+
+
+def _small_net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).double()
+
+
+DDP_SIZES = (3, 2)
+DDP_STEPS = 3
+
+
+def _ddp_batches(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(sum(DDP_SIZES), 2, 6, 6, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 3, (sum(DDP_SIZES),), generator=gen)
+    return x, target
+
+
+def _ddp_train() -> dict[str, torch.Tensor]:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = syncbn.convert_sync_batchnorm(_small_net(0))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    start = sum(DDP_SIZES[:rank])
+    rows = slice(start, start + DDP_SIZES[rank])
+    for step in range(DDP_STEPS):
+        x, target = _ddp_batches(step)
+        # DDP averages gradients over ranks: scale the local sum so that the
+        # result is the mean loss over the global batch
+        loss = nn.functional.cross_entropy(ddp(x[rows]), target[rows], reduction="sum")
+        (loss * world / sum(DDP_SIZES)).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ddp_training_equals_one_process_on_the_global_batch() -> None:
+    results = harness.run_ranks(2, _ddp_train)
+    model = _small_net(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(DDP_STEPS):
+        x, target = _ddp_batches(step)
+        nn.functional.cross_entropy(model(x), target).backward()
+        opt.step()
+        opt.zero_grad()
+    for name, want in model.state_dict().items():
+        for rank, state in enumerate(results):
+            torch.testing.assert_close(state[name], want, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m, n=name, r=rank: f"{n} on rank {r}: {m}")
+
+
+# --- gradcheck through the synchronized function --------------------------------------------
+
+
+def _gradcheck_rank(sizes: tuple[int, ...]) -> bool:
+    """Rank 0 checks its Jacobian; the others join every collective with fixed data.
+
+    gradcheck perturbs inputs one element at a time and back-propagates one unit
+    vector at a time, so every rank must make the same number of calls: each
+    rank's checked inputs have rank 0's shapes. Ranks > 0 contribute their shard
+    as constants and a zero upstream gradient, so rank 0's check sees exactly
+    d(out₀)/d(x₀, w, b) with the other shards in the global statistics.
+    """
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(3)
+    shards = [torch.randn(n, 2, 3, generator=gen, dtype=torch.float64) for n in sizes]
+    weight = torch.rand(2, generator=gen, dtype=torch.float64) + 0.5
+    bias = torch.randn(2, generator=gen, dtype=torch.float64)
+    inputs = (shards[0].clone().requires_grad_(), weight.clone().requires_grad_(),
+              bias.clone().requires_grad_())
+
+    def on_rank_zero(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return sync_batch_norm(x, None, None, w, b, training=True)
+
+    def on_other_ranks(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        # `+ 0·x` links the checked inputs to the layer: backward reaches it (and
+        # its collective) without changing any value
+        out = sync_batch_norm(shards[rank] + 0.0 * x.sum(), None, None, weight + 0.0 * w,
+                              bias + 0.0 * b, training=True)
+        return x * 0.0 + out.sum() * 0.0
+
+    fn = on_rank_zero if rank == 0 else on_other_ranks
+    # check_undefined_grad is off: undefined upstream grads take different
+    # paths through the two functions; the single-process tests cover it
+    return bool(torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7,
+                                         check_undefined_grad=False))
+
+
+@pytest.mark.parametrize("sizes", [(3, 2), (2, 0, 4)], ids=["2-ranks", "3-ranks-with-empty"])
+def test_gradcheck_through_the_synchronized_function(sizes: tuple[int, ...]) -> None:
+    assert harness.run_ranks(len(sizes), _gradcheck_rank, sizes) == [True] * len(sizes)
+
+
+# --- numerics -------------------------------------------------------------------------------
+
+
+def _large_offset_variance(mean: float, std: float) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(11)
+    data = torch.randn(2 * 4096, 2, generator=gen, dtype=torch.float64) * std + mean
+    x = data.float()
+    rank = dist.get_rank()
+    module = syncbn.SyncBatchNorm(2, momentum=1.0)
+    module(x[rank * 4096:(rank + 1) * 4096])
+    exact = x.double().var(0, unbiased=True)
+    local_bn = nn.BatchNorm1d(2, momentum=1.0)
+    local_bn(x)
+    return {
+        "syncbn": float(((module.running_var.double() - exact) / exact).abs().max()),
+        "torch_batchnorm": float(((local_bn.running_var.double() - exact) / exact).abs().max()),
+        "naive_float32": float(((x.pow(2).mean(0) - x.mean(0).pow(2)) * 8192 / 8191
+                                - exact).div(exact).abs().max()),
+    }
+
+
+@pytest.mark.parametrize(("mean", "std"), [(1e4, 1.0), (1e5, 1.0), (100.0, 0.01)])
+def test_variance_is_stable_for_large_offsets(mean: float, std: float) -> None:
+    errors = harness.run_ranks(2, _large_offset_variance, mean, std)[0]
+    assert errors["syncbn"] < 1e-3, errors
+    assert errors["naive_float32"] > 1e-3, errors  # the case really is hard
+
+
+# --- errors on a live group -----------------------------------------------------------------
+
+
+def _errors_on_group() -> dict[str, str]:
+    messages: dict[str, str] = {}
+    x = torch.randn(2, 3)
+    others = dist.new_group([0, 1])  # rank 2 is outside
+    if dist.get_rank() == 2:
+        try:
+            syncbn.SyncBatchNorm(3, process_group=others)(x)
+        except ValueError as error:
+            messages["non_member"] = str(error)
+    single = torch.randn(1 if dist.get_rank() == 0 else 0, 3)
+    try:
+        syncbn.SyncBatchNorm(3)(single)
+    except ValueError as error:
+        messages["one_value"] = str(error)
+    return messages
+
+
+def test_errors_on_a_live_group() -> None:
+    results = harness.run_ranks(3, _errors_on_group)
+    assert "does not include this rank (global rank 2)" in results[2]["non_member"]
+    for result in results:
+        assert result["one_value"] == (
+            "Expected more than 1 value per channel when training, got input size 1"
+        )
+
+
+def _destroyed_group_error() -> str:
+    group = dist.new_group([0, 1])
+    module = syncbn.SyncBatchNorm(3, process_group=group)
+    dist.destroy_process_group(group)
+    try:
+        module(torch.randn(4, 3))
+    except (ValueError, RuntimeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return "no error"
+
+
+def test_destroyed_group_is_a_clear_error() -> None:
+    results = harness.run_ranks(2, _destroyed_group_error)
+    assert all(r != "no error" for r in results), results
