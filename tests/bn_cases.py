@@ -57,7 +57,8 @@ def batch(case: Case, group: int, step: int) -> tuple[Tensor, Tensor]:
     scale = torch.rand(case.channels, generator=gen, dtype=torch.float64) * 2 + 0.5
     offset = torch.randn(case.channels, generator=gen, dtype=torch.float64) * 3
     view = (1, case.channels) + (1,) * len(case.spatial)
-    x = torch.randn(shape, generator=gen, dtype=torch.float64) * scale.view(view) + offset.view(view)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    x = x * scale.view(view) + offset.view(view)
     dy = torch.randn(shape, generator=gen, dtype=torch.float64)
     return x, dy
 

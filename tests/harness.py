@@ -10,7 +10,7 @@ Failures never hang the suite:
 
 - a rank that raises sends its traceback, which is re-raised in pytest as
   :class:`RankError` naming the rank;
-- a task that does not finish within its timeout raises :class:`RankTimeout`
+- a task that does not finish within its timeout raises :class:`RankTimeoutError`
   naming the ranks that did not answer;
 - after either, the pool is torn down (ranks may be stuck in a collective) and
   the next task gets a fresh one.
@@ -18,6 +18,7 @@ Failures never hang the suite:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -41,7 +42,7 @@ class RankError(RuntimeError):
     """A rank raised; the message carries its traceback."""
 
 
-class RankTimeout(TimeoutError):
+class RankTimeoutError(TimeoutError):
     """Some ranks did not finish in time."""
 
 
@@ -130,7 +131,7 @@ class DistPool:
                 text = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items()))
                 raise RankError(f"{len(errors)} of {self.world_size} ranks raised:\n{text}")
             missing = sorted(set(range(self.world_size)) - set(values))
-            raise RankTimeout(
+            raise RankTimeoutError(
                 f"ranks {missing} of {self.world_size} did not finish '{expected}' "
                 f"within {timeout_s:.0f} s (a hang?); the pool was torn down"
             )
@@ -147,10 +148,8 @@ class DistPool:
     def close(self) -> None:
         for task_queue, proc in zip(self._tasks, self._procs, strict=True):
             if proc.is_alive():
-                try:
+                with contextlib.suppress(Exception):  # best effort on shutdown
                     task_queue.put_nowait(None)
-                except Exception:  # best effort on shutdown
-                    pass
         deadline = time.monotonic() + 2.0
         for proc in self._procs:
             proc.join(max(0.0, deadline - time.monotonic()))

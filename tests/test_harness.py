@@ -52,7 +52,7 @@ def test_rank_error_is_reraised_with_its_traceback() -> None:
 
 def test_hang_fails_within_the_timeout() -> None:
     start = time.monotonic()
-    with pytest.raises(harness.RankTimeout, match=r"ranks \[0\] of 2 did not finish"):
+    with pytest.raises(harness.RankTimeoutError, match=r"ranks \[0\] of 2 did not finish"):
         harness.run_ranks(2, _hang_on_rank_zero, timeout=3.0)
     assert time.monotonic() - start < 15.0
     assert [r[0] for r in harness.run_ranks(2, _rank_and_sum)] == [0, 1]

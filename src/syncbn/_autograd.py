@@ -32,7 +32,9 @@ SingleValuePolicy = Literal["raise", "identity"]
 
 def single_value_error(count: int) -> ValueError:
     """torch's error for a training batch with one value per channel."""
-    return ValueError(f"Expected more than 1 value per channel when training, got input size {count}")
+    return ValueError(
+        f"Expected more than 1 value per channel when training, got input size {count}"
+    )
 
 
 def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
@@ -70,7 +72,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """Batch statistics of the whole group; exact gradients through them."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         x: Tensor,
         weight: Tensor | None,
@@ -108,7 +110,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return normalize(x, mean, inv_std, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         nones = (None,) * 7
         if ctx.identity:
             return (dy, None, None, *nones)

@@ -19,7 +19,7 @@ inputs lose nothing to cancellation (see :func:`pack_local_moments`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -50,7 +50,8 @@ def local_count(shape: torch.Size) -> int:
     return count
 
 
-class LocalMoments(NamedTuple):
+@dataclass(frozen=True)
+class LocalMoments:
     """Centred moments of one rank's shard, in the accumulation dtype."""
 
     count: int
@@ -94,7 +95,8 @@ def pack_local_moments(moments: LocalMoments) -> Tensor:
     return torch.cat([total, sum_sq, count])  # C, C, 1 -> (2C + 1)
 
 
-class GlobalMoments(NamedTuple):
+@dataclass(frozen=True)
+class GlobalMoments:
     """Statistics of the global batch, float64, shape (C,) each; ``count`` shape (1,)."""
 
     count: Tensor
@@ -117,7 +119,7 @@ def merge_global_moments(packed: Tensor) -> GlobalMoments:
     With ``N = 0`` (every rank empty) the result is mean 0, var 0, never NaN.
     """
     channels = (packed.numel() - 1) // 2
-    total, sum_sq, count = packed.split([channels, channels, 1])
+    total, sum_sq, count = packed[:channels], packed[channels:-1], packed[-1:]
     safe_count = count.clamp_min(1.0)
     mean = total / safe_count
     var = (sum_sq / safe_count - mean * mean).clamp_min_(0.0)
@@ -156,7 +158,8 @@ def update_running_stats(
         running_var.copy_(torch.where(has_data, new_var, running_var.double()))
 
 
-class GradSums(NamedTuple):
+@dataclass(frozen=True)
+class GradSums:
     """Per-channel reductions of the upstream gradient, in the accumulation dtype."""
 
     sum_dy: Tensor  # Σ dy

@@ -107,7 +107,7 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     if isinstance(module, SyncBatchNorm):
         cls = _revert_class(module)
         try:
-            output = cls(  # type: ignore[call-arg]
+            output = cls(
                 module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, device="meta",
             )

@@ -125,7 +125,8 @@ def synchronized_batch_norm(
     one-value policy). ``process_group=None`` normalizes with local statistics
     through the same code (no collective). Arguments are not validated here.
     """
-    out: Tensor = SyncBatchNormFunction.apply(
+    # Function.apply is untyped in torch's stubs
+    out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
         input, weight, bias, running_mean, running_var,
         eps, decay, unbiased_var, process_group, single_value,
     )

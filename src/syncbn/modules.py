@@ -102,7 +102,9 @@ class SyncBatchNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else ", process_group=<custom>"
-        return super().extra_repr() + group
+        # _NormBase.extra_repr is untyped in torch
+        text: str = super().extra_repr()  # type: ignore[no-untyped-call]
+        return text + group
 
     @classmethod
     def convert_sync_batchnorm(

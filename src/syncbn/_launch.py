@@ -1,0 +1,396 @@
+"""Put the CLI's ranks into a process group: spawn local workers, or join torchrun's.
+
+Shared by ``syncbn demo`` and ``syncbn check``. Two ways in:
+
+- **torchrun** (:func:`torchrun_env` finds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+  ``MASTER_ADDR``, ``MASTER_PORT``): this process is one rank; :func:`join_torchrun`
+  initializes the default group from the environment, any backend, any number
+  of nodes.
+- **local spawn** (:func:`spawn`): the calling process starts ``nproc`` workers
+  with the ``spawn`` start method, rendezvous over TCP on 127.0.0.1, and waits
+  for each rank's exit code. A rank that raises or dies makes the parent stop
+  the others at once and raise :class:`LaunchError` carrying that rank's
+  traceback, so a failure never turns into a hang.
+
+Every collective runs under an explicit timeout (``timeout_s``), so a rank that
+stops answering fails the run within that time instead of blocking forever.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import multiprocessing
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "DistEnv",
+    "LaunchError",
+    "check_backend",
+    "check_device",
+    "free_port",
+    "join_torchrun",
+    "leave_group",
+    "port_in_use",
+    "spawn",
+    "torchrun_env",
+]
+
+LOCAL_ADDR = "127.0.0.1"
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+P = TypeVar("P")
+"""The payload handed to every rank (must pickle: it crosses the spawn boundary)."""
+
+
+class LaunchError(RuntimeError):
+    """The ranks could not be started, or one of them failed; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the group (valid after the group is initialized)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: torch.device
+    launcher: Literal["spawn", "torchrun"]
+
+
+@dataclass(frozen=True)
+class TorchrunVars:
+    """The rendezvous variables torchrun (or any ``env://`` launcher) exported."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunVars | None:
+    """The torchrun variables, or ``None`` when this process was not started by torchrun.
+
+    Raises:
+        LaunchError: only some of the variables are set, or one is not an integer.
+    """
+    env = os.environ if environ is None else environ
+    present = [name for name in TORCHRUN_VARS if name in env]
+    if not present:
+        return None
+    missing = [name for name in TORCHRUN_VARS if name not in env]
+    if missing:
+        raise LaunchError(
+            f"found torchrun variables {', '.join(present)} but not {', '.join(missing)}; "
+            "start with `torchrun --nproc-per-node N -m syncbn ...`, or unset them all "
+            "to let syncbn spawn its own local ranks"
+        )
+    try:
+        return TorchrunVars(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env["LOCAL_RANK"]),
+            master_addr=env["MASTER_ADDR"],
+            master_port=int(env["MASTER_PORT"]),
+        )
+    except ValueError as exc:
+        raise LaunchError(
+            f"torchrun variables must be integers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT): {exc}"
+        ) from None
+
+
+def default_backend(device: str) -> str:
+    """``nccl`` for CUDA, ``gloo`` otherwise."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def check_device(device: str, nproc: int | None) -> None:
+    """Check that ``device`` exists here, and has a GPU per local rank when it is CUDA.
+
+    Raises:
+        LaunchError: with what was asked, what is there, and what to pass instead.
+    """
+    if device == "cpu":
+        return
+    if device != "cuda":
+        raise LaunchError(f"--device must be 'cpu' or 'cuda', got {device!r}")
+    if not torch.cuda.is_available():
+        why = (
+            "this torch build has no CUDA support"
+            if torch.version.cuda is None
+            else "no CUDA GPU is visible"
+        )
+        raise LaunchError(
+            f"--device cuda was requested, but {why} (torch {torch.__version__}); "
+            "run with --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if nproc is not None and nproc > count:
+        raise LaunchError(
+            f"--device cuda gives each local rank its own GPU: --nproc {nproc} needs "
+            f"{nproc} GPUs, but {count} are visible; pass --nproc {count} or --device cpu"
+        )
+
+
+def check_backend(backend: str, device: str) -> None:
+    """Check that ``backend`` is built into this torch and can carry ``device`` tensors.
+
+    Raises:
+        LaunchError: the backend is unknown, unavailable, or NCCL was asked for CPU tensors.
+    """
+    if not dist.is_available():
+        raise LaunchError(
+            f"this torch build ({torch.__version__}) has no torch.distributed; "
+            "install a build with distributed support"
+        )
+    if not dist.is_backend_available(backend):
+        known = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if dist.is_backend_available(b)]
+        raise LaunchError(
+            f"--backend {backend!r} is not available in this torch build; "
+            f"available: {', '.join(known) or 'none'}"
+        )
+    if backend == "nccl" and device != "cuda":
+        raise LaunchError(
+            "--backend nccl carries only CUDA tensors, but --device is cpu; "
+            "pass --device cuda, or --backend gloo"
+        )
+
+
+def port_in_use(port: int, host: str = LOCAL_ADDR) -> bool:
+    """True when something already listens on ``host:port`` (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return True
+            raise
+    return False
+
+
+def free_port(host: str = LOCAL_ADDR) -> int:
+    """A TCP port that was free a moment ago, chosen by the OS."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def check_port(port: int | None) -> int:
+    """``port`` if it is usable, else a free one when ``port`` is ``None``.
+
+    Raises:
+        LaunchError: the port is out of range or something already listens on it.
+    """
+    if port is None:
+        return free_port()
+    if not 1 <= port <= 65535:
+        raise LaunchError(f"--port must be in 1..65535, got {port}")
+    if port_in_use(port):
+        raise LaunchError(
+            f"port {port} on {LOCAL_ADDR} is already in use; pass another --port, "
+            "or leave --port out to pick a free one"
+        )
+    return port
+
+
+def _rank_device(device: str, local_rank: int) -> torch.device:
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def join_torchrun(backend: str, device: str, timeout_s: float) -> DistEnv:
+    """Initialize the default group from torchrun's environment (``env://``).
+
+    If a default group already exists (a caller set one up), it is used as is.
+    """
+    found = torchrun_env()
+    if found is None:  # pragma: no cover - callers check first
+        raise LaunchError("not started by torchrun: RANK/WORLD_SIZE/... are not set")
+    torch_device = _rank_device(device, found.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend,
+            init_method="env://",
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=torch_device if device == "cuda" else None,
+        )
+    return DistEnv(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_rank=found.local_rank,
+        backend=str(dist.get_backend()),
+        device=torch_device,
+        launcher="torchrun",
+    )
+
+
+def leave_group() -> None:
+    """Destroy the default group if there is one (NCCL warns when it is not destroyed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class _WorkerArgs(Generic[P]):
+    """Everything one spawned rank needs; pickled by the spawn start method."""
+
+    target: Callable[[DistEnv, P], int]
+    payload: P
+    world_size: int
+    port: int
+    backend: str
+    device: str
+    timeout_s: float
+    env: dict[str, str]
+
+
+def _worker(rank: int, args: _WorkerArgs[P], reports: multiprocessing.Queue[object]) -> None:
+    """Body of a spawned rank: join the group, run the target, report ``(rank, kind, value)``."""
+    os.environ.update(args.env)
+    os.environ.update(
+        MASTER_ADDR=LOCAL_ADDR, MASTER_PORT=str(args.port),
+        RANK=str(rank), WORLD_SIZE=str(args.world_size), LOCAL_RANK=str(rank),
+    )
+    # Several ranks share few cores: one intra-op thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    try:
+        device = _rank_device(args.device, rank)
+        dist.init_process_group(
+            args.backend,
+            init_method=f"tcp://{LOCAL_ADDR}:{args.port}",
+            rank=rank,
+            world_size=args.world_size,
+            timeout=datetime.timedelta(seconds=args.timeout_s),
+            device_id=device if args.device == "cuda" else None,
+        )
+        env = DistEnv(
+            rank=rank, world_size=args.world_size, local_rank=rank, backend=args.backend,
+            device=device, launcher="spawn",
+        )
+        code = args.target(env, args.payload)
+        sys.stdout.flush()
+        reports.put((rank, "exit", code))
+    except BaseException:  # report everything, KeyboardInterrupt included, then leave
+        reports.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            leave_group()
+        except Exception:  # the group may be broken after a failure; exiting is what matters
+            pass
+
+
+def _local_env() -> dict[str, str]:
+    """Variables the spawned ranks get: gloo on the loopback interface unless told otherwise."""
+    env: dict[str, str] = {}
+    if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in os.environ:
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    return env
+
+
+def spawn(
+    target: Callable[[DistEnv, P], int],
+    payload: P,
+    *,
+    nproc: int,
+    backend: str,
+    device: str,
+    port: int,
+    timeout_s: float,
+    grace_s: float = 5.0,
+) -> list[int]:
+    """Run ``target(env, payload)`` on ``nproc`` fresh local ranks; return their exit codes.
+
+    ``target`` must be a module-level function (it is pickled by name). The
+    ranks rendezvous on ``127.0.0.1:port`` and each sets one intra-op thread.
+
+    Raises:
+        LaunchError: a rank raised (its traceback is in the message) or died
+            without reporting; the other ranks have been stopped by then.
+    """
+    context = multiprocessing.get_context("spawn")
+    reports: multiprocessing.Queue[object] = context.Queue()
+    args = _WorkerArgs(
+        target=target, payload=payload, world_size=nproc, port=port, backend=backend,
+        device=device, timeout_s=timeout_s, env=_local_env(),
+    )
+    processes = [
+        context.Process(target=_worker, args=(rank, args, reports), name=f"syncbn-rank{rank}")
+        for rank in range(nproc)
+    ]
+    finished = False
+    try:
+        for process in processes:
+            process.start()
+        codes = _collect(processes, reports, grace_s)
+        finished = True
+    finally:
+        # After a failure the other ranks may sit in a collective: stop them now.
+        _stop(processes, wait_s=10.0 if finished else 0.0)
+        reports.close()
+        reports.cancel_join_thread()
+    return codes
+
+
+def _collect(
+    processes: list[multiprocessing.process.BaseProcess],
+    reports: multiprocessing.Queue[object],
+    grace_s: float,
+) -> list[int]:
+    """Wait for one report per rank; raise on the first error or silent death."""
+    codes: dict[int, int] = {}
+    dead_since: dict[int, float] = {}
+    while len(codes) < len(processes):
+        try:
+            rank, kind, value = reports.get(timeout=0.1)  # type: ignore[misc]
+        except queue.Empty:
+            now = time.monotonic()
+            for rank, process in enumerate(processes):
+                if rank in codes or process.exitcode is None:
+                    continue
+                # A rank's last report may still be in the pipe when it has exited.
+                first_seen = dead_since.setdefault(rank, now)
+                if now - first_seen > grace_s:
+                    raise LaunchError(
+                        f"rank {rank} exited with code {process.exitcode} without reporting "
+                        "(killed, or out of memory?)"
+                    ) from None
+            continue
+        if kind == "error":
+            last_line = str(value).strip().splitlines()[-1] if str(value).strip() else ""
+            raise LaunchError(f"rank {rank} failed: {last_line}\n\n{value}")
+        codes[int(rank)] = int(value)
+    return [codes[rank] for rank in range(len(processes))]
+
+
+def _stop(processes: list[multiprocessing.process.BaseProcess], wait_s: float) -> None:
+    """Give the ranks ``wait_s`` seconds to exit; terminate, then kill, any still running."""
+    deadline = time.monotonic() + wait_s
+    for process in processes:
+        if process.pid is not None:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        if process.pid is not None:
+            process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join()

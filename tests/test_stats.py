@@ -1,0 +1,126 @@
+"""The formulas in _stats.py's docstrings, checked numerically against one-line definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from syncbn import _stats
+
+
+def _shards(sizes: list[int], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randn(n, 3, 4, generator=gen, dtype=torch.float64).mul(2).add(5).to(dtype)
+            for n in sizes]
+
+
+def _merge(shards: list[torch.Tensor]) -> _stats.GlobalMoments:
+    packed = sum(_stats.pack_local_moments(_stats.local_moments(s)) for s in shards)
+    assert isinstance(packed, torch.Tensor)
+    return _stats.merge_global_moments(packed)
+
+
+@pytest.mark.parametrize("sizes", [[5], [3, 0, 4], [1, 1], [0, 7, 2, 2]])
+def test_merge_equals_moments_of_concatenation(sizes: list[int]) -> None:
+    shards = _shards(sizes)
+    merged = _merge(shards)
+    var, mean = torch.var_mean(torch.cat(shards), dim=[0, 2], unbiased=False)
+    assert merged.count.item() == sum(sizes) * 4
+    torch.testing.assert_close(merged.mean, mean, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(merged.var, var, rtol=1e-12, atol=1e-13)
+
+
+def test_sum_of_squares_identity_holds_for_any_centre() -> None:
+    """Σx² = m2(c) + c·(2·Σx − count·c) for a centre that is not the mean."""
+    x = _shards([6])[0]
+    total = x.sum([0, 2])
+    for centre in (total / 24 + 0.37, torch.zeros(3), torch.full((3,), -4.0)):
+        m2 = (x - centre.view(1, 3, 1)).square().sum([0, 2])
+        packed = _stats.pack_local_moments(_stats.LocalMoments(24, total, centre, m2))
+        torch.testing.assert_close(packed[3:6], x.square().sum([0, 2]), rtol=1e-13, atol=0.0)
+
+
+def test_empty_group_gives_zeros_not_nan() -> None:
+    merged = _merge(_shards([0, 0]))
+    assert merged.count.item() == 0
+    assert torch.equal(merged.mean, torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(merged.var, torch.zeros(3, dtype=torch.float64))
+
+
+def test_float32_large_offset_keeps_variance() -> None:
+    """mean 1e4, std 1 in float32 over two shards: relative error of σ² below 1e-3."""
+    gen = torch.Generator().manual_seed(2)
+    exact64 = torch.randn(2, 5000, 2, generator=gen, dtype=torch.float64) + 1e4
+    x = exact64.float()
+    merged = _merge([x[0], x[1]])
+    exact = x.double().reshape(-1, 2).var(0, unbiased=False)
+    assert ((merged.var - exact) / exact).abs().max() < 1e-5  # float32 local sums; 1e-3 needed
+    naive = x.reshape(-1, 2).pow(2).mean(0) - x.reshape(-1, 2).mean(0).pow(2)
+    assert ((naive.double() - exact) / exact).abs().max() > 1e-3  # what the formula avoids
+
+
+def test_local_moments_of_half_input_accumulate_in_float32() -> None:
+    x = torch.full((70_000, 1), 2.0, dtype=torch.float16)  # > 65504 values per channel
+    x[::2] = 4.0
+    moments = _stats.local_moments(x)
+    assert moments.total.dtype == torch.float32
+    assert moments.count == 70_000
+    assert moments.total.item() == 210_000.0
+    merged = _stats.merge_global_moments(_stats.pack_local_moments(moments))
+    assert merged.mean.item() == 3.0
+    assert merged.var.item() == pytest.approx(1.0, rel=1e-6)
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_running_update_formula(unbiased: bool) -> None:
+    stats = _stats.GlobalMoments(
+        torch.tensor([10.0], dtype=torch.float64),
+        torch.tensor([1.0, 2.0], dtype=torch.float64),
+        torch.tensor([4.0, 9.0], dtype=torch.float64),
+    )
+    mean, var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 3.0])
+    _stats.update_running_stats(mean, var, stats, decay=0.75, unbiased_var=unbiased)
+    factor = 10 / 9 if unbiased else 1.0
+    torch.testing.assert_close(mean, torch.tensor([0.75 * 0.5 + 0.25 * 1.0, 0.75 * -1.0 + 0.5]))
+    torch.testing.assert_close(var, torch.tensor([0.75 * 2 + 0.25 * 4 * factor,
+                                                  0.75 * 3 + 0.25 * 9 * factor]))
+
+
+def test_running_update_skips_empty_global_batch() -> None:
+    stats = _stats.GlobalMoments(torch.zeros(1, dtype=torch.float64),
+                                 torch.zeros(2, dtype=torch.float64),
+                                 torch.zeros(2, dtype=torch.float64))
+    mean, var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 3.0])
+    _stats.update_running_stats(mean, var, stats, decay=0.9, unbiased_var=True)
+    assert torch.equal(mean, torch.tensor([0.5, -1.0]))
+    assert torch.equal(var, torch.tensor([2.0, 3.0]))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_input_grad_coefficients_match_autograd(affine: bool) -> None:
+    """dx = a·dy + b·x + c equals autograd through y = w·(x − μ)/√(σ² + eps) + β."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 3, 5, generator=gen, dtype=torch.float64).requires_grad_()
+    dy = torch.randn(7, 3, 5, generator=gen, dtype=torch.float64)
+    weight = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5 if affine else None
+    var, mean = torch.var_mean(x, dim=[0, 2], unbiased=False)
+    y = (x - mean.view(1, 3, 1)) / (var.view(1, 3, 1) + 1e-5).sqrt()
+    if weight is not None:
+        y = y * weight.view(1, 3, 1)
+    (dx_autograd,) = torch.autograd.grad(y, x, dy)
+
+    inv = _stats.invstd(var.detach(), 1e-5)
+    xhat = (x.detach() - mean.detach().view(1, 3, 1)) * inv.view(1, 3, 1)
+    sums = _stats.GradSums(dy.sum([0, 2]), (dy * xhat).sum([0, 2]))
+    count = torch.tensor([35.0], dtype=torch.float64)
+    a, b, c = _stats.input_grad_coefficients(sums, count, mean.detach(), inv, weight)
+    dx = a.view(1, 3, 1) * dy + b.view(1, 3, 1) * x.detach() + c.view(1, 3, 1)
+    torch.testing.assert_close(dx, dx_autograd, rtol=1e-11, atol=1e-12)
+
+
+def test_acc_dtype_and_count() -> None:
+    assert _stats.acc_dtype(torch.float16) is torch.float32
+    assert _stats.acc_dtype(torch.bfloat16) is torch.float32
+    assert _stats.acc_dtype(torch.float64) is torch.float64
+    assert _stats.local_count(torch.Size([4, 3, 5, 6])) == 120
+    assert _stats.local_count(torch.Size([0, 3])) == 0
