@@ -260,6 +260,7 @@ def test_module_is_a_batchnorm_with_torch_state() -> None:
     assert isinstance(module, nn.modules.batchnorm._BatchNorm)
     assert list(module.state_dict()) == list(nn.SyncBatchNorm(4).state_dict())
     assert "SyncBatchNorm(4, eps=1e-05, momentum=0.1" in repr(module)
+    assert module.layer_name == "SyncBatchNorm(4)"
 
 
 def test_device_and_dtype_arguments() -> None:

@@ -4,6 +4,7 @@ Torch flavour here; Paddle flavour in :mod:`syncbn.paddle_compat`.
 """
 
 from . import functional as functional
+from ._comm import SyncBatchNormError as SyncBatchNormError
 from .convert import convert_sync_batchnorm as convert_sync_batchnorm
 from .convert import revert_sync_batchnorm as revert_sync_batchnorm
 from .modules import SyncBatchNorm as SyncBatchNorm
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SyncBatchNorm",
+    "SyncBatchNormError",
     "__version__",
     "convert_sync_batchnorm",
     "functional",

@@ -37,6 +37,17 @@ def single_value_error(count: int) -> ValueError:
     )
 
 
+def is_recomputing() -> bool:
+    """True while autograd runs a backward pass: a forward now is a checkpoint's recompute.
+
+    ``torch.utils.checkpoint`` (reentrant or not) runs the forward again inside
+    backward; the batch statistics must be recomputed (with their collective, on
+    every rank alike) but the running statistics must not move a second time.
+    """
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
               bias: Tensor | None) -> Tensor:
     """``w·(x − μ)·invstd + β`` with per-channel ``μ``, ``invstd`` in the accumulation dtype.
@@ -83,15 +94,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
         decay: float,
         unbiased_var: bool,
         process_group: _comm.ProcessGroup | None,
+        site: _comm.CallSite | None,
         single_value: SingleValuePolicy,
     ) -> Tensor:
         moments = _stats.local_moments(x)
         packed = _stats.pack_local_moments(moments)
         if process_group is not None:
-            packed = _comm.reduce_forward(packed, process_group)  # 2C + 1 float64
+            assert site is not None, "a group needs a CallSite"
+            packed = _comm.reduce_forward(packed, process_group, site)  # 2C + 1 float64
         stats = _stats.merge_global_moments(packed)
 
         ctx.process_group = process_group
+        ctx.site = site
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.identity = False
         # A global count of 1 is only possible where the local count is <= 1, so
@@ -102,7 +116,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             ctx.identity = True
             return x.clone()
 
-        _stats.update_running_stats(running_mean, running_var, stats, decay, unbiased_var)
+        if not is_recomputing():  # a checkpoint's recompute must not update them twice
+            _stats.update_running_stats(running_mean, running_var, stats, decay, unbiased_var)
         acc = _stats.acc_dtype(x.dtype)
         mean = stats.mean.to(acc)
         inv_std = _stats.invstd(stats.var, eps).to(acc)
@@ -111,7 +126,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        nones = (None,) * 7
+        nones = (None,) * 8
         if ctx.identity:
             return (dy, None, None, *nones)
         x, weight, mean, inv_std, count = ctx.saved_tensors
@@ -121,10 +136,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         grad_bias = sums.sum_dy.to(ctx.bias_dtype) if need_bias else None
         grad_input = None
         if need_input:
-            packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat])  # C, C -> 2C
+            packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat]).double()  # C, C -> 2C
             if ctx.process_group is not None:
-                packed = _comm.reduce_backward(packed, ctx.process_group)
-            global_sums = _stats.GradSums(*packed.chunk(2))
+                packed = _comm.reduce_backward(packed, ctx.process_group, ctx.site)
+            global_sums = _stats.GradSums(*packed.to(mean.dtype).chunk(2))
             a, b, c = _stats.input_grad_coefficients(global_sums, count, mean, inv_std, weight)
             grad_input = affine_map(x, b, c).addcmul_(dy, _stats.channel_view(a, x.dim()))
         return (grad_input, grad_weight, grad_bias, *nones)

@@ -1,14 +1,28 @@
 """The only module that calls ``torch.distributed``.
 
 One sum-all-reduce per direction, named after its step: :func:`reduce_forward`
-carries ``2C + 1`` float64 values, :func:`reduce_backward` ``2C`` values in the
-accumulation dtype. Neither depends on the world size (unlike an all_gather).
+carries ``2C + 1`` float64 values, :func:`reduce_backward` ``2C`` float64 values.
+Neither depends on the world size (unlike an all_gather), and since both are
+float64 whatever the input dtype, ranks that disagree on the dtype still exchange
+buffers of the same size (and the merged statistics stay correct).
+
+Every collective knows its :class:`CallSite`; a failure or a timeout becomes a
+:class:`SyncBatchNormError` that names the layer, the call, the phase and the
+shape. Debug mode (``SYNCBN_DEBUG=1`` or ``debug=True`` on the layer) first
+all-gathers a 5-value fingerprint, so that ranks that disagree on the layer, the
+call count, the channels, the dtype or the phase raise a readable error instead
+of exchanging mismatched buffers.
 """
 
 from __future__ import annotations
 
+import os
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -76,19 +90,142 @@ def group_size(process_group: ProcessGroup | None) -> int:
     return size
 
 
-def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup) -> Tensor:
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+class SyncBatchNormError(RuntimeError):
+    """A collective of a SyncBatchNorm layer failed, timed out, or ranks disagreed."""
+
+
+DEBUG_ENV = "SYNCBN_DEBUG"
+"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`)."""
+TIMEOUT_ENV = "SYNCBN_TIMEOUT"
+"""Seconds a rank waits for one collective of a layer (default: the group's own timeout)."""
+
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class CallSite:
+    """Where a collective comes from, for error messages and debug checks."""
+
+    layer: str  # e.g. "backbone.layer1.0.bn1" (set by convert_sync_batchnorm) or a repr
+    call: int  # how many times this layer has run forward before, on this rank
+    channels: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    timeout_s: float | None  # None: the group's own timeout
+    debug: bool
+
+    def describe(self, phase: str) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"SyncBatchNorm '{self.layer}' ({phase}, call {self.call}, C={self.channels}, "
+                f"{dtype}, input {self.shape})")
+
+
+def env_debug() -> bool:
+    """Whether :data:`DEBUG_ENV` asks for debug checks."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def env_timeout() -> float | None:
+    """The timeout from :data:`TIMEOUT_ENV`, or ``None`` when unset.
+
+    Raises:
+        ValueError: it is set but not a positive number of seconds.
+    """
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return value
+
+
+_HINT = ("a rank may have skipped this layer (a data-dependent branch), run it in eval mode "
+         "while the others train, called it a different number of times, or died; "
+         f"run with {DEBUG_ENV}=1 to find the rank and the layer")
+
+
+def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
+                    phase: str) -> Tensor:
+    """Sum over the group, waiting at most ``site.timeout_s``; failures name the layer."""
+    try:
+        if site.timeout_s is None:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+        else:
+            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group,
+                                   async_op=True)
+            work.wait(timedelta(seconds=site.timeout_s))
+    except RuntimeError as error:
+        waited = "the group's timeout" if site.timeout_s is None else f"{site.timeout_s:g} s"
+        raise SyncBatchNormError(
+            f"{site.describe(phase)}: the all_reduce over {group_size(process_group)} ranks "
+            f"failed or did not complete within {waited} ({str(error).strip()[:300]}); "
+            f"{_HINT}"
+        ) from error
     return tensor
 
 
-def reduce_forward(packed_moments: Tensor, process_group: ProcessGroup) -> Tensor:
+def _fingerprint(site: CallSite, phase: str) -> list[float]:
+    layer_key = zlib.crc32(site.layer.encode())
+    dtype_code = _DTYPE_CODES.index(site.dtype) if site.dtype in _DTYPE_CODES else -1
+    return [float(layer_key), float(site.call), float(site.channels), float(dtype_code),
+            float(phase == "backward")]
+
+
+_FIELDS = ("layer", "call", "channels", "dtype", "phase")
+
+
+def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
+                      device: torch.device) -> None:
+    """Debug mode: all ranks compare (layer, call, C, dtype, phase) before the collective.
+
+    A fixed-size all_gather of 5 float64 values per rank; on a mismatch every rank
+    sees the same table, so all of them also gather the readable descriptions and
+    raise the same :class:`SyncBatchNormError` naming the ranks that differ.
+    """
+    mine = torch.tensor(_fingerprint(site, phase), dtype=torch.float64, device=device)
+    table = [torch.empty_like(mine) for _ in range(group_size(process_group))]
+    try:
+        if site.timeout_s is None:
+            dist.all_gather(table, mine, group=process_group)
+        else:
+            work = dist.all_gather(table, mine, group=process_group, async_op=True)
+            work.wait(timedelta(seconds=site.timeout_s))
+    except RuntimeError as error:
+        raise SyncBatchNormError(
+            f"{site.describe(phase)}: the debug fingerprint exchange failed or timed out "
+            f"({str(error).strip()[:300]}); {_HINT}"
+        ) from error
+    rows = torch.stack(table).cpu()
+    differing = [name for j, name in enumerate(_FIELDS)
+                 if not bool((rows[:, j] == rows[0, j]).all())]
+    if not differing:
+        return
+    described: list[object] = [None] * len(table)
+    dist.all_gather_object(described, site.describe(phase), group=process_group)
+    lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(described))
+    raise SyncBatchNormError(
+        f"ranks disagree on {', '.join(differing)} at a SyncBatchNorm collective: {lines}. "
+        "Every rank must run the same SyncBatchNorm layers, in the same order and mode, "
+        "with the same channels and dtype"
+    )
+
+
+def reduce_forward(packed_moments: Tensor, process_group: ProcessGroup, site: CallSite) -> Tensor:
     """Sum the packed local moments ``[Σx, Σx², count]`` (float64, ``2C + 1``) over the group."""
-    return _all_reduce_sum(packed_moments, process_group)
+    if site.debug:
+        check_fingerprint(site, "forward", process_group, packed_moments.device)
+    return _all_reduce_sum(packed_moments, process_group, site, "forward")
 
 
-def reduce_backward(grad_sums: Tensor, process_group: ProcessGroup) -> Tensor:
-    """Sum the packed gradient reductions ``[Σdy, Σdy·x̂]`` (``2C``) over the group."""
-    return _all_reduce_sum(grad_sums, process_group)
+def reduce_backward(grad_sums: Tensor, process_group: ProcessGroup, site: CallSite) -> Tensor:
+    """Sum the packed gradient reductions ``[Σdy, Σdy·x̂]`` (float64, ``2C``) over the group."""
+    if site.debug:
+        check_fingerprint(site, "backward", process_group, grad_sums.device)
+    return _all_reduce_sum(grad_sums, process_group, site, "backward")
 
 
 def backend_name(process_group: ProcessGroup | None) -> str:
@@ -99,7 +236,9 @@ def backend_name(process_group: ProcessGroup | None) -> str:
 
 
 __all__ = [
+    "CallSite",
     "ProcessGroup",
+    "SyncBatchNormError",
     "backend_name",
     "group_size",
     "is_distributed",

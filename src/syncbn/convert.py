@@ -49,7 +49,8 @@ def convert_sync_batchnorm(
 
     Returns ``module`` with the layers replaced in place, or the new layer when
     ``module`` itself is one. Layers that already are :class:`syncbn.SyncBatchNorm`
-    stay, and take ``process_group`` when one is given.
+    stay, and take ``process_group`` when one is given. Each converted layer
+    records its path in the tree (``"layer1.0.bn1"``) so errors can name it.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, or ``process_group`` is not
@@ -61,25 +62,33 @@ def convert_sync_batchnorm(
             f"convert_sync_batchnorm expected an nn.Module, got {type(module).__name__}"
         )
     _check_group(process_group)
+    return _convert(module, process_group, "")
+
+
+def _convert(module: nn.Module, process_group: _comm.ProcessGroup | None, path: str) -> nn.Module:
     if isinstance(module, SyncBatchNorm):
         if process_group is not None:
             module.process_group = process_group
+        module._syncbn_name = module._syncbn_name or path or None
         return module
     if isinstance(module, LazyModuleMixin) and isinstance(module, _BatchNorm):
         raise ValueError(
-            f"convert_sync_batchnorm got an uninitialized {type(module).__name__}: its "
-            "number of channels is not known yet; run one forward pass first"
+            f"convert_sync_batchnorm got an uninitialized {type(module).__name__} at "
+            f"'{path or '<root>'}': its number of channels is not known yet; run one "
+            "forward pass first"
         )
     output = module
     if isinstance(module, _CONVERTIBLE):
-        output = SyncBatchNorm(
+        layer = SyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, process_group, device="meta",
         )
-        _move_state(module, output)
-        output._syncbn_source_cls = type(module)
+        _move_state(module, layer)
+        layer._syncbn_source_cls = type(module)
+        layer._syncbn_name = path or None
+        output = layer
     for name, child in module.named_children():
-        output.add_module(name, convert_sync_batchnorm(child, process_group))
+        output.add_module(name, _convert(child, process_group, f"{path}.{name}" if path else name))
     return output
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, _comm
-from ._autograd import SingleValuePolicy, SyncBatchNormFunction
+from ._autograd import SingleValuePolicy, SyncBatchNormFunction, is_recomputing
 
 __all__ = ["local_fallback_applies", "sync_batch_norm"]
 
@@ -95,13 +95,51 @@ def sync_batch_norm(
             )
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
 
+    return batch_norm_train(input, running_mean, running_var, weight, bias, momentum, eps,
+                            process_group, site=None)
+
+
+def batch_norm_train(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float,
+    eps: float,
+    process_group: _comm.ProcessGroup | None,
+    site: _comm.CallSite | None,
+) -> Tensor:
+    """Training step in Torch's conventions: the local fallback or the synchronized core.
+
+    Inside a checkpoint's recompute the running buffers are left alone on both
+    paths (torch's own BatchNorm updates them twice there, pytorch#96136).
+    """
     group = _comm.resolve_group(process_group)
+    if is_recomputing():
+        running_mean = running_var = None
     if local_fallback_applies(group):
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     return synchronized_batch_norm(
         input, running_mean, running_var, weight, bias,
         eps=eps, decay=1.0 - float(momentum), unbiased_var=True,
         process_group=group, single_value="raise",
+        site=site or call_site(input, "sync_batch_norm", call=0, timeout_s=None, debug=None),
+    )
+
+
+def call_site(input: Tensor, layer: str, call: int, timeout_s: float | None,
+              debug: bool | None) -> _comm.CallSite:
+    """Describe a layer's collective; ``None`` settings come from the environment.
+
+    ``timeout_s=None`` reads ``SYNCBN_TIMEOUT`` (unset: the group's own timeout);
+    ``debug=None`` reads ``SYNCBN_DEBUG``.
+    """
+    return _comm.CallSite(
+        layer=layer, call=call, channels=input.size(1), dtype=input.dtype,
+        shape=tuple(input.shape),
+        timeout_s=_comm.env_timeout() if timeout_s is None else timeout_s,
+        debug=_comm.env_debug() if debug is None else debug,
     )
 
 
@@ -117,17 +155,21 @@ def synchronized_batch_norm(
     unbiased_var: bool,
     process_group: _comm.ProcessGroup | None,
     single_value: SingleValuePolicy,
+    site: _comm.CallSite | None = None,
 ) -> Tensor:
     """Training-mode normalization with batch statistics of ``process_group``.
 
     The shared entry of every flavour's shell into the core: conventions come
     in already translated (``decay``, biased or unbiased running variance, the
     one-value policy). ``process_group=None`` normalizes with local statistics
-    through the same code (no collective). Arguments are not validated here.
+    through the same code (no collective); a group needs a ``site`` (see
+    :func:`call_site`) for its error messages. Arguments are not validated here.
     """
     # Function.apply is untyped in torch's stubs
+    if process_group is not None and site is None:
+        site = call_site(input, "SyncBatchNorm", call=0, timeout_s=None, debug=None)
     out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
         input, weight, bias, running_mean, running_var,
-        eps, decay, unbiased_var, process_group, single_value,
+        eps, decay, unbiased_var, process_group, site, single_value,
     )
     return out

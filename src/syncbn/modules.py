@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _checks, _comm
-from .functional import sync_batch_norm
+from ._autograd import is_recomputing
+from .functional import batch_norm_train, call_site
 
 __all__ = ["SyncBatchNorm"]
 
@@ -31,6 +33,12 @@ class SyncBatchNorm(_BatchNorm):
     Without an initialized process group, or with a group of one rank, it is
     exactly ``torch.nn.BatchNorm{1,2,3}d`` (see ``functional.local_fallback_applies``).
 
+    Keyword-only extensions: ``timeout`` (seconds one collective may take before
+    a :class:`syncbn.SyncBatchNormError` naming this layer; default the
+    ``SYNCBN_TIMEOUT`` variable, else the group's own timeout) and ``debug``
+    (compare a fingerprint of layer, call count, channels and dtype across ranks
+    before every collective; default the ``SYNCBN_DEBUG`` variable).
+
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
         contiguous or channels_last(_3d); output of the same shape and memory format.
@@ -41,6 +49,12 @@ class SyncBatchNorm(_BatchNorm):
     """Rank of the last input seen, so ``revert_sync_batchnorm`` can pick BatchNorm1d/2d/3d."""
     _syncbn_source_cls: type[_BatchNorm] | None
     """The class ``convert_sync_batchnorm`` replaced, restored by ``revert_sync_batchnorm``."""
+    _syncbn_name: str | None
+    """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
+    _syncbn_calls: int
+    """Training forwards run so far on this rank (the debug fingerprint compares it)."""
+    timeout: float | None
+    debug: bool | None
 
     def __init__(
         self,
@@ -52,6 +66,9 @@ class SyncBatchNorm(_BatchNorm):
         process_group: _comm.ProcessGroup | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
+        *,
+        timeout: float | None = None,
+        debug: bool | None = None,
     ) -> None:
         _checks.check_num_features(num_features)
         _checks.check_eps(eps)
@@ -63,9 +80,18 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
+        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
+            raise ValueError(
+                f"SyncBatchNorm expected timeout to be a positive number of seconds or None "
+                f"(the group's own timeout), got {timeout!r}"
+            )
         self.process_group = process_group
+        self.timeout = None if timeout is None else float(timeout)
+        self.debug = debug
         self._syncbn_input_ndim = None
         self._syncbn_source_cls = None
+        self._syncbn_name = None
+        self._syncbn_calls = 0
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -79,26 +105,29 @@ class SyncBatchNorm(_BatchNorm):
 
         factor = 0.0 if self.momentum is None else self.momentum
         tracked_steps = self.num_batches_tracked
-        if self.training and self.track_running_stats and tracked_steps is not None:
+        counting = self.training and self.track_running_stats and not is_recomputing()
+        if counting and tracked_steps is not None:
             tracked_steps.add_(1)
             if self.momentum is None:  # cumulative moving average
                 factor = 1.0 / float(tracked_steps.item())
-        # as torch: batch statistics in training, and in eval when nothing is tracked
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        tracked = not self.training or self.track_running_stats
-        running_mean = self.running_mean if tracked else None
-        running_var = self.running_var if tracked else None
-        # Eval never synchronizes (as torch): with track_running_stats=False it
-        # normalizes with this rank's own batch statistics.
-        group = self.process_group if self.training else None
-        if use_batch_stats and not self.training:
-            return torch.nn.functional.batch_norm(
-                input, None, None, self.weight, self.bias, True, factor, self.eps
-            )
-        return sync_batch_norm(
-            input, running_mean, running_var, self.weight, self.bias,
-            training=use_batch_stats, momentum=factor, eps=self.eps, process_group=group,
+        if not self.training:
+            # Eval never communicates (as torch): running statistics, or this rank's
+            # own batch statistics when none are tracked.
+            no_buffers = self.running_mean is None and self.running_var is None
+            return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
+                                self.bias, no_buffers, factor, self.eps)
+        tracked = self.track_running_stats
+        site = call_site(input, self.layer_name, self._syncbn_calls, self.timeout, self.debug)
+        self._syncbn_calls += 1
+        return batch_norm_train(
+            input, self.running_mean if tracked else None, self.running_var if tracked else None,
+            self.weight, self.bias, factor, self.eps, self.process_group, site,
         )
+
+    @property
+    def layer_name(self) -> str:
+        """How errors name this layer: its path in the model (set by convert), else a repr."""
+        return self._syncbn_name or f"SyncBatchNorm({self.num_features})"
 
     def extra_repr(self) -> str:
         group = "" if self.process_group is None else ", process_group=<custom>"

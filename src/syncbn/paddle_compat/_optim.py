@@ -83,7 +83,7 @@ def optimizer_param_groups(
     for _, param, attr in named_param_attrs(model):
         if not param.requires_grad:
             continue
-        scale = 1.0
+        scale = 1.0 if attr is None else attr.learning_rate
         regularizer = None if attr is None else attr.regularizer
         if isinstance(regularizer, L2Decay):
             decay = regularizer.coeff

@@ -1,0 +1,286 @@
+"""Safe ``.pdparams`` loading, and mapping a Paddle state dict onto a torch model."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from syncbn.paddle_compat import (
+    STRUCTURE_KEY,
+    UnsafePickleError,
+    get_activation,
+    load_pdparams,
+    paddle_to_torch_state_dict,
+)
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "paddle"
+needs_data = pytest.mark.skipif(
+    not (DATA / "net.pdparams").is_file(),
+    reason=f"Paddle reference files not found at {DATA} (the repo's sibling shared/ folder)",
+)
+
+
+def _write(tmp_path: Path, obj: object, protocol: int = 4, name: str = "x.pdparams") -> Path:
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+# --- the real file written by PaddlePaddle 3.3.1 -------------------------------------------
+
+
+@needs_data
+def test_real_file_keys_shapes_dtypes() -> None:
+    state = load_pdparams(DATA / "net.pdparams")
+    assert STRUCTURE_KEY not in state
+    assert "bn3.weight" not in state  # BatchNorm1D(5, weight_attr=False)
+    shapes = {key: tuple(t.shape) for key, t in state.items()}
+    assert shapes["conv1.weight"] == (8, 3, 3, 3)
+    assert shapes["fc.weight"] == (4, 5)  # Paddle's Linear layout (in, out)
+    assert shapes["bn_old._variance"] == (5,)
+    assert len(state) == 21
+    assert all(t.dtype == torch.float32 for t in state.values())
+
+
+class PaddleStyleBN(nn.Module):
+    """Eval-mode BatchNorm with Paddle's parameter names, for the end-to-end check."""
+
+    def __init__(self, n: int, *, weight: bool = True, eps: float = 1e-5, axis: int = 1) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n)) if weight else None
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.register_buffer("_mean", torch.zeros(n))
+        self.register_buffer("_variance", torch.ones(n))
+        self.eps, self.axis = eps, axis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.movedim(self.axis, 1)
+        y = F.batch_norm(
+            x, self._mean, self._variance, self.weight, self.bias, False, 0.0, self.eps
+        )
+        return y.movedim(1, self.axis)
+
+
+class Net(nn.Module):
+    """The model of shared/data/paddle/README.md, in torch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = PaddleStyleBN(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
+        self.bn2 = PaddleStyleBN(4, eps=1e-3, axis=3)
+        self.fc = nn.Linear(4, 5)
+        self.bn3 = PaddleStyleBN(5, weight=False)
+        self.bn_old = PaddleStyleBN(5)
+        self.act = get_activation("relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x))).permute(0, 2, 3, 1)  # NCHW -> NHWC
+        h = self.conv2(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # conv in NHWC
+        h = self.bn2(h).mean(dim=(1, 2))
+        return self.act(self.bn_old(self.bn3(self.fc(h))))
+
+
+@needs_data
+def test_real_file_reproduces_paddle_output() -> None:
+    model = Net().eval()
+    state = paddle_to_torch_state_dict(load_pdparams(DATA / "net.pdparams"), model)
+    model.load_state_dict(state, strict=True)
+    io = np.load(DATA / "net_eval_io.npz")
+    with torch.no_grad():
+        y = model(torch.from_numpy(io["x"]))
+    torch.testing.assert_close(y, torch.from_numpy(io["y"]), rtol=1e-5, atol=1e-5)
+
+
+# --- the restricted unpickler on pickles built here ------------------------------------------
+
+
+ARRAYS = {
+    "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "f16": np.array([0.5, -2.0], dtype=np.float16),
+    "f64_big_endian": np.array([1.5, 2.5], dtype=">f8"),
+    "fortran": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+    "i64": np.array([[-1, 2]], dtype=np.int64),
+    "bool": np.array([True, False]),
+    "scalar_array": np.array(3.0, dtype=np.float32),
+    "bf16_as_u16": np.array([0x3F80, 0x4000], dtype=np.uint16),  # 1.0, 2.0 in bfloat16
+}
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_roundtrip_numpy_arrays(tmp_path: Path, protocol: int) -> None:
+    saved = {**ARRAYS, "np_scalar": np.float64(2.5), STRUCTURE_KEY: {"f32": "linear_0.w_0"}}
+    state = load_pdparams(_write(tmp_path, saved, protocol))
+    assert set(state) == set(ARRAYS) | {"np_scalar"}
+    for key, array in ARRAYS.items():
+        expected = torch.from_numpy(array.astype(array.dtype.newbyteorder("=")))
+        assert state[key].dtype == expected.dtype, key
+        assert torch.equal(state[key], expected), key
+    assert state["np_scalar"].item() == 2.5
+    assert state["np_scalar"].shape == ()
+    assert state["bf16_as_u16"].view(torch.bfloat16).tolist() == [1.0, 2.0]
+
+
+def test_numpy1_module_path_loads_without_warning(tmp_path: Path) -> None:
+    # numpy 1.x writes numpy.core.multiarray; numpy 2 warns on importing numpy.core.
+    data = pickle.dumps({"w": ARRAYS["f32"]}, protocol=2)
+    assert b"numpy._core.multiarray" in data
+    path = tmp_path / "old.pdparams"
+    path.write_bytes(data.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert torch.equal(load_pdparams(path)["w"], torch.from_numpy(ARRAYS["f32"]))
+
+
+def test_ordered_dict_and_path_string(tmp_path: Path) -> None:
+    path = _write(tmp_path, OrderedDict(b=np.zeros(1), a=np.ones(1)))
+    assert list(load_pdparams(str(path))) == ["b", "a"]
+
+
+class _Exploit:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (self.command,))
+
+
+def test_refuses_os_system_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = _write(tmp_path, {"w": np.zeros(2), "x": _Exploit(f"touch {marker}")})
+    with pytest.raises(
+        UnsafePickleError,
+        match=r"refused to load global '(posix|nt|os)\.system' from .*x\.pdparams",
+    ):
+        load_pdparams(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("payload", "refused"),
+    [
+        (b"cbuiltins\neval\n(S'1+1'\ntR.", "builtins.eval"),
+        (b"cbuiltins\ngetattr\n(cbuiltins\nobject\nS'__subclasses__'\ntR.", "builtins.getattr"),
+        (b"cnumpy\nload\n(S'/etc/passwd'\ntR.", "numpy.load"),
+        (b"csubprocess\ncheck_output\n((S'id'\nltR.", "subprocess.check_output"),
+    ],
+    ids=["eval", "getattr", "numpy-load", "subprocess"],
+)
+def test_refuses_other_globals(tmp_path: Path, payload: bytes, refused: str) -> None:
+    path = tmp_path / "evil.pdparams"
+    path.write_bytes(payload)
+    with pytest.raises(UnsafePickleError, match=rf"refused to load global '{refused}'"):
+        load_pdparams(path)
+
+
+def test_missing_file_names_the_path(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pdparams"
+    with pytest.raises(FileNotFoundError, match=rf"no file at '{missing}'"):
+        load_pdparams(missing)
+
+
+def test_missing_suffix_hint(tmp_path: Path) -> None:
+    _write(tmp_path, {"w": np.zeros(1)}, name="model.pdparams")
+    with pytest.raises(
+        FileNotFoundError, match=r"'.*model\.pdparams' exists: pass the full file name"
+    ):
+        load_pdparams(tmp_path / "model")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a pickle at all"], ids=["empty", "garbage"])
+def test_not_a_pickle(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.pdparams"
+    path.write_bytes(content)
+    with pytest.raises(pickle.UnpicklingError, match=r"is not a readable pickle"):
+        load_pdparams(path)
+
+
+def test_not_a_dict(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"to hold a dict \(a state dict\), got list"):
+        load_pdparams(_write(tmp_path, [np.zeros(1)]))
+
+
+def test_non_array_entry(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"w": np.zeros(1), "LR_Scheduler": {"last_epoch": 3}})
+    with pytest.raises(ValueError, match=r"'LR_Scheduler' holds a dict.*not an optimizer \.pdopt"):
+        load_pdparams(path)
+
+
+def test_object_array(tmp_path: Path) -> None:
+    path = _write(tmp_path, {"w": np.array([1, "a"], dtype=object)})
+    with pytest.raises(ValueError, match=r"entry 'w' .* array of Python objects"):
+        load_pdparams(path)
+
+
+def test_clear_error_without_numpy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, {"w": np.zeros(1)})
+    monkeypatch.setitem(sys.modules, "numpy", None)
+    with pytest.raises(ImportError, match=r"needs numpy .* Fix: pip install numpy"):
+        load_pdparams(path)
+
+
+# --- paddle_to_torch_state_dict ----------------------------------------------------------------
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.square = nn.Linear(3, 3)
+        self.rect = nn.Linear(3, 2)
+        self.table = nn.Embedding(4, 3)
+
+
+def _paddle_state(model: Head) -> dict[str, torch.Tensor]:
+    state = {key: torch.randn_like(value) for key, value in model.state_dict().items()}
+    for key in ("square.weight", "rect.weight"):
+        state[key] = state[key].t().contiguous()  # what Paddle stores: (in, out)
+    return state
+
+
+def test_transposes_linear_weights_only() -> None:
+    model = Head()
+    paddle_state = _paddle_state(model)
+    converted = paddle_to_torch_state_dict(paddle_state, model)
+    assert torch.equal(converted["square.weight"], paddle_state["square.weight"].t())
+    assert torch.equal(converted["rect.weight"], paddle_state["rect.weight"].t())
+    assert converted["rect.weight"].is_contiguous()
+    assert converted["table.weight"] is paddle_state["table.weight"]  # same layout in both
+    assert converted["rect.bias"] is paddle_state["rect.bias"]
+    model.load_state_dict(converted)
+    assert torch.equal(model.rect.weight.detach(), paddle_state["rect.weight"].t())
+
+
+def test_explicit_transpose_keys_and_predicate() -> None:
+    model = Head()
+    state = {"table.weight": torch.randn(3, 4)}
+    by_keys = paddle_to_torch_state_dict(state, model, transpose=["table.weight"])
+    by_predicate = paddle_to_torch_state_dict(state, model, transpose=lambda k: k.startswith("t"))
+    assert torch.equal(by_keys["table.weight"], state["table.weight"].t())
+    assert torch.equal(by_predicate["table.weight"], state["table.weight"].t())
+
+
+def test_unknown_keys_pass_through() -> None:
+    extra = {"not.in.model": torch.ones(2, 5)}
+    assert paddle_to_torch_state_dict(extra, Head())["not.in.model"] is extra["not.in.model"]
+
+
+def test_shape_mismatch_is_explained() -> None:
+    state = {"rect.weight": torch.randn(2, 3)}  # already torch layout: transposing breaks it
+    with pytest.raises(
+        ValueError,
+        match=r"'rect.weight' has shape \(2, 3\) \(transposed: \(3, 2\)\) .* expects \(2, 3\)",
+    ):
+        paddle_to_torch_state_dict(state, Head())
+
+
+def test_transpose_needs_2d() -> None:
+    with pytest.raises(ValueError, match=r"cannot transpose 'rect.bias' of shape \(2,\)"):
+        paddle_to_torch_state_dict({"rect.bias": torch.zeros(2)}, Head(), transpose=["rect.bias"])
