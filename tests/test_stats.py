@@ -124,3 +124,24 @@ def test_acc_dtype_and_count() -> None:
     assert _stats.acc_dtype(torch.float64) is torch.float64
     assert _stats.local_count(torch.Size([4, 3, 5, 6])) == 120
     assert _stats.local_count(torch.Size([0, 3])) == 0
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_input_grad_coefficients_from_output_match_autograd(affine: bool) -> None:
+    """dx = a·dz + b·z + c with z = w·x̂ + β equals autograd (the in-place mode's formula)."""
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(6, 2, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    dz = torch.randn(6, 2, 4, generator=gen, dtype=torch.float64)
+    weight = torch.tensor([0.7, -1.3], dtype=torch.float64) if affine else None
+    bias = torch.tensor([0.2, -0.4], dtype=torch.float64) if affine else None
+    var, mean = torch.var_mean(x, dim=[0, 2], unbiased=False)
+    xhat = (x - mean.view(1, 2, 1)) / (var.view(1, 2, 1) + 1e-5).sqrt()
+    z = xhat if weight is None else xhat * weight.view(1, 2, 1) + bias.view(1, 2, 1)
+    (dx_autograd,) = torch.autograd.grad(z, x, dz)
+
+    inv = _stats.invstd(var.detach(), 1e-5)
+    sums = _stats.GradSums(dz.sum([0, 2]), (dz * xhat.detach()).sum([0, 2]))
+    count = torch.tensor([24.0], dtype=torch.float64)
+    a, b, c = _stats.input_grad_coefficients_from_output(sums, count, inv, weight, bias)
+    dx = a.view(1, 2, 1) * dz + b.view(1, 2, 1) * z.detach() + c.view(1, 2, 1)
+    torch.testing.assert_close(dx, dx_autograd, rtol=1e-11, atol=1e-12)

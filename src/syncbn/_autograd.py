@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _comm, _stats
+from ._activation import Activation
 
 SingleValuePolicy = Literal["raise", "identity"]
 """What a training step does when the global batch has one value per channel:
@@ -61,6 +62,16 @@ def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
     return torch.batch_norm(x, scale, shift, mean, ones, False, 0.0, 0.0, False)
 
 
+def normalize_(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
+               bias: Tensor | None) -> Tensor:
+    """:func:`normalize` written into ``x`` (same ``scale·x + shift`` form as torch's kernel)."""
+    scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
+    shift = -mean * scale if bias is None else bias.to(inv_std.dtype) - mean * scale
+    ndim = x.dim()
+    return torch.addcmul(_stats.channel_view(shift, ndim), x, _stats.channel_view(scale, ndim),
+                         out=x)
+
+
 def affine_map(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``scale·x + shift`` per channel, in ``x``'s dtype and memory format."""
     zeros = torch.zeros_like(scale)
@@ -79,8 +90,53 @@ def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _st
     return _stats.GradSums(sum_dy.to(mean.dtype), sum_dy_xhat.to(mean.dtype))
 
 
+def check_inplace(x: Tensor, weight: Tensor | None, activation: Activation) -> None:
+    """``inplace=True`` needs an invertible activation, ``weight ≠ 0``, and an input nobody needs.
+
+    Raises:
+        ValueError: with the reason and the fix.
+    """
+    if not activation.invertible:
+        raise ValueError(
+            f"inplace=True needs an invertible activation to recompute the normalized "
+            f"values from the output, got {activation.name!r} (param {activation.param:g}); "
+            "use 'identity', 'leaky_relu' with a slope > 0 or 'elu' with alpha > 0, or "
+            "inplace=False"
+        )
+    if x.requires_grad and x.is_leaf:
+        raise ValueError(
+            "inplace=True would overwrite the input, but it is a leaf tensor that requires "
+            "grad; pass the output of another layer, or use inplace=False"
+        )
+    grad_fn = x.grad_fn
+    if grad_fn is not None:
+        for name in dir(grad_fn):
+            if not name.startswith("_saved_"):
+                continue
+            saved = getattr(grad_fn, name, None)
+            if isinstance(saved, Tensor) and saved.numel() > 0 and (
+                saved.data_ptr() == x.data_ptr()
+            ):
+                raise ValueError(
+                    f"inplace=True would overwrite the input, but autograd still needs it "
+                    f"(saved by {type(grad_fn).__name__} for its backward); put the layer "
+                    "after an op that does not save its output (e.g. a convolution), or use "
+                    "inplace=False"
+                )
+    if weight is not None and bool((weight == 0).any()):
+        raise ValueError(
+            "inplace=True recovers x̂ = (y − bias)/weight, but some weight entries are 0; "
+            "use inplace=False for this layer (or keep its weight away from 0)"
+        )
+
+
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Batch statistics of the whole group; exact gradients through them."""
+    """Batch statistics of the whole group; exact gradients through them.
+
+    With ``activation`` set (the in-place mode), the input's storage receives
+    ``y = f(w·x̂ + β)`` and only ``y`` is saved; backward recomputes ``z`` and
+    ``x̂`` from it (see :mod:`syncbn._activation`).
+    """
 
     @staticmethod
     def forward(
@@ -96,7 +152,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
         process_group: _comm.ProcessGroup | None,
         site: _comm.CallSite | None,
         single_value: SingleValuePolicy,
+        inplace_activation: Activation | None,
     ) -> Tensor:
+        if inplace_activation is not None:
+            check_inplace(x, weight, inplace_activation)
         moments = _stats.local_moments(x)
         packed = _stats.pack_local_moments(moments)
         if process_group is not None:
@@ -108,12 +167,16 @@ class SyncBatchNormFunction(torch.autograd.Function):
         ctx.site = site
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.identity = False
+        ctx.activation = inplace_activation
         # A global count of 1 is only possible where the local count is <= 1, so
         # the host read (a device sync on accelerators) is confined to that case.
         if moments.count <= 1 and int(stats.count.item()) == 1:
             if single_value == "raise":
                 raise single_value_error(1)
             ctx.identity = True
+            if inplace_activation is not None:
+                ctx.mark_dirty(x)
+                return x
             return x.clone()
 
         if not is_recomputing():  # a checkpoint's recompute must not update them twice
@@ -121,17 +184,32 @@ class SyncBatchNormFunction(torch.autograd.Function):
         acc = _stats.acc_dtype(x.dtype)
         mean = stats.mean.to(acc)
         inv_std = _stats.invstd(stats.var, eps).to(acc)
-        ctx.save_for_backward(x, weight, mean, inv_std, stats.count)
-        return normalize(x, mean, inv_std, weight, bias)
+        if inplace_activation is None:
+            ctx.save_for_backward(x, weight, bias, mean, inv_std, stats.count)
+            return normalize(x, mean, inv_std, weight, bias)
+        normalize_(x, mean, inv_std, weight, bias)
+        inplace_activation.apply_(x)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(x, weight, bias, mean, inv_std, stats.count)
+        return x
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        nones = (None,) * 8
+        nones = (None,) * 9
         if ctx.identity:
             return (dy, None, None, *nones)
-        x, weight, mean, inv_std, count = ctx.saved_tensors
+        saved, weight, bias, mean, inv_std, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-        sums = local_grad_sums(dy, x, mean, inv_std)
+        activation: Activation | None = ctx.activation
+        if activation is None:  # saved is the input x
+            x, dz = saved, dy
+            sums = local_grad_sums(dz, x, mean, inv_std)
+        else:  # saved is the output y = f(z), z = w·x̂ + β
+            dz = activation.grad_through(dy, saved)
+            x = activation.inverse(saved)  # z, standing in for x below
+            shift = torch.zeros_like(mean) if bias is None else bias.to(mean.dtype)
+            scale = torch.ones_like(mean) if weight is None else weight.to(mean.dtype)
+            sums = local_grad_sums(dz, x, shift, scale.reciprocal())  # Σdz·(z − β)/w = Σdz·x̂
         grad_weight = sums.sum_dy_xhat.to(weight.dtype) if need_weight else None
         grad_bias = sums.sum_dy.to(ctx.bias_dtype) if need_bias else None
         grad_input = None
@@ -140,6 +218,11 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if ctx.process_group is not None:
                 packed = _comm.reduce_backward(packed, ctx.process_group, ctx.site)
             global_sums = _stats.GradSums(*packed.to(mean.dtype).chunk(2))
-            a, b, c = _stats.input_grad_coefficients(global_sums, count, mean, inv_std, weight)
-            grad_input = affine_map(x, b, c).addcmul_(dy, _stats.channel_view(a, x.dim()))
+            if activation is None:
+                a, b, c = _stats.input_grad_coefficients(global_sums, count, mean, inv_std,
+                                                         weight)
+            else:
+                a, b, c = _stats.input_grad_coefficients_from_output(
+                    global_sums, count, inv_std, weight, bias)
+            grad_input = affine_map(x, b, c).addcmul_(dz, _stats.channel_view(a, x.dim()))
         return (grad_input, grad_weight, grad_bias, *nones)

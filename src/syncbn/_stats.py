@@ -189,3 +189,30 @@ def input_grad_coefficients(
     b = -a * inv_std * sums.sum_dy_xhat / n
     c = -a * sums.sum_dy / n - b * mean
     return a, b, c
+
+
+def input_grad_coefficients_from_output(
+    sums: GradSums,
+    count: Tensor,
+    inv_std: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-channel ``(a, b, c)`` with ``dx = a·dz + b·z + c``, in terms of ``z = w·x̂ + β``.
+
+    The in-place mode keeps ``z`` (recovered from the output), not ``x``.
+    Substituting ``x̂ = (z − β)/w`` into :func:`input_grad_coefficients`' formula
+    ``dx = w·invstd·(dz − Σdz/N − x̂·Σ(dz·x̂)/N)`` gives
+
+        a = w·invstd,   b = −invstd·Σ(dz·x̂)/N,   c = −a·Σdz/N − b·β,
+
+    with ``w = 1`` and ``β = 0`` for absent parameters (``sums`` hold ``Σdz`` and
+    ``Σdz·x̂``).
+    """
+    n = count.clamp_min(1.0).to(inv_std.dtype)
+    a = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
+    b = -inv_std * sums.sum_dy_xhat / n
+    c = -a * sums.sum_dy / n
+    if bias is not None:
+        c = c - b * bias.to(inv_std.dtype)
+    return a, b, c

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _checks, _comm
+from ._activation import Activation
 from ._autograd import SingleValuePolicy, SyncBatchNormFunction, is_recomputing
 
 __all__ = ["local_fallback_applies", "sync_batch_norm"]
@@ -109,22 +110,29 @@ def batch_norm_train(
     eps: float,
     process_group: _comm.ProcessGroup | None,
     site: _comm.CallSite | None,
+    inplace_activation: Activation | None = None,
 ) -> Tensor:
     """Training step in Torch's conventions: the local fallback or the synchronized core.
 
     Inside a checkpoint's recompute the running buffers are left alone on both
-    paths (torch's own BatchNorm updates them twice there, pytorch#96136).
+    paths (torch's own BatchNorm updates them twice there, pytorch#96136). The
+    in-place activated mode always runs the core (without a collective when
+    the fallback applies), since ``F.batch_norm`` has no such mode.
     """
     group = _comm.resolve_group(process_group)
     if is_recomputing():
         running_mean = running_var = None
-    if local_fallback_applies(group):
+    fallback = local_fallback_applies(group)
+    if fallback and inplace_activation is None:
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
+    if fallback:
+        group = None
     return synchronized_batch_norm(
         input, running_mean, running_var, weight, bias,
         eps=eps, decay=1.0 - float(momentum), unbiased_var=True,
         process_group=group, single_value="raise",
         site=site or call_site(input, "sync_batch_norm", call=0, timeout_s=None, debug=None),
+        inplace_activation=inplace_activation,
     )
 
 
@@ -156,6 +164,7 @@ def synchronized_batch_norm(
     process_group: _comm.ProcessGroup | None,
     single_value: SingleValuePolicy,
     site: _comm.CallSite | None = None,
+    inplace_activation: Activation | None = None,
 ) -> Tensor:
     """Training-mode normalization with batch statistics of ``process_group``.
 
@@ -163,13 +172,15 @@ def synchronized_batch_norm(
     in already translated (``decay``, biased or unbiased running variance, the
     one-value policy). ``process_group=None`` normalizes with local statistics
     through the same code (no collective); a group needs a ``site`` (see
-    :func:`call_site`) for its error messages. Arguments are not validated here.
+    :func:`call_site`) for its error messages. ``inplace_activation`` selects the
+    in-place activated mode: the input is overwritten with ``f(BN(x))`` and only
+    that output is saved. Arguments are not validated here.
     """
     # Function.apply is untyped in torch's stubs
     if process_group is not None and site is None:
         site = call_site(input, "SyncBatchNorm", call=0, timeout_s=None, debug=None)
     out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
         input, weight, bias, running_mean, running_var,
-        eps, decay, unbiased_var, process_group, site, single_value,
+        eps, decay, unbiased_var, process_group, site, single_value, inplace_activation,
     )
     return out
