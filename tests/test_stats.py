@@ -145,3 +145,15 @@ def test_input_grad_coefficients_from_output_match_autograd(affine: bool) -> Non
     a, b, c = _stats.input_grad_coefficients_from_output(sums, count, inv, weight, bias)
     dx = a.view(1, 2, 1) * dz + b.view(1, 2, 1) * z.detach() + c.view(1, 2, 1)
     torch.testing.assert_close(dx, dx_autograd, rtol=1e-11, atol=1e-12)
+
+
+def test_channels_last_takes_torch_kernel_and_agrees() -> None:
+    x = (torch.randn(4, 3, 5, 6, dtype=torch.float64) * 2 + 1e4).float()
+    x = x.contiguous(memory_format=torch.channels_last)
+    assert _stats.torch_stats_kernel_applies(x)
+    assert not _stats.torch_stats_kernel_applies(x.contiguous())
+    assert not _stats.torch_stats_kernel_applies(x.to(torch.bfloat16))
+    merged = _stats.merge_global_moments(_stats.pack_local_moments(_stats.local_moments(x)))
+    var, mean = torch.var_mean(x.double(), dim=[0, 2, 3], unbiased=False)
+    torch.testing.assert_close(merged.mean, mean, rtol=1e-7, atol=0.0)
+    assert ((merged.var - var) / var).abs().max() < 1e-3

@@ -60,16 +60,40 @@ class LocalMoments:
     m2: Tensor  # Σ(x − c)²
 
 
-def local_moments(x: Tensor) -> LocalMoments:
-    """Two-pass centred moments of ``x`` over every dim but 1.
+def torch_stats_kernel_applies(x: Tensor) -> bool:
+    """Whether torch's fused batch-norm statistics kernel beats two plain reductions here.
 
-    ``Σx`` is one fast reduction; ``m2 = Σ(x − c)²`` with ``c = Σx/count`` is the
-    second. Both accumulate in :func:`acc_dtype`. An empty shard gives zeros
-    (``c = 0``), so it contributes nothing and produces no NaN.
+    It does for channels-last layouts and on accelerators (measured: 0.35 ms vs
+    0.83 ms on a channels_last (8, 64, 56, 56) float32 CPU tensor), and loses
+    badly for contiguous N-C-spatial CPU inputs (~4 ms vs 0.83 ms). Its float32
+    accumulation is less exact than the two reductions at extreme offsets
+    (relative error of σ² 6e-5 at μ/σ = 1e4, 3e-4 at 1e5, against ~1e-6), so
+    2-D inputs, where the reductions cost ~0.1 ms, keep the reductions. 16-bit
+    inputs never take it: it returns 16-bit statistics.
     """
+    if x.numel() == 0 or x.dtype not in (torch.float32, torch.float64):
+        return False
+    if x.device.type != "cpu":
+        return True
+    layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.dim() >= 4 and not x.is_contiguous() and x.is_contiguous(memory_format=layout)
+
+
+def local_moments(x: Tensor) -> LocalMoments:
+    """Centred moments of ``x`` over every dim but 1, in :func:`acc_dtype`.
+
+    Either torch's statistics kernel (see :func:`torch_stats_kernel_applies`;
+    a two-pass mean and biased variance, so ``m2 = count·var`` about the mean),
+    or two reductions: ``Σx``, then ``m2 = Σ(x − c)²`` with ``c = Σx/count``.
+    An empty shard gives zeros (``c = 0``), so it contributes nothing and
+    produces no NaN.
+    """
+    count = local_count(x.shape)
+    if torch_stats_kernel_applies(x):
+        mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+        return LocalMoments(count, mean * count, mean, var * count)
     dims = reduce_dims(x.dim())
     dtype = acc_dtype(x.dtype)
-    count = local_count(x.shape)
     total = x.sum(dims, dtype=dtype)
     centre = total / max(count, 1)
     deviation = x - channel_view(centre, x.dim())  # promotes 16-bit x to float32
