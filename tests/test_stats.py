@@ -155,5 +155,5 @@ def test_channels_last_takes_torch_kernel_and_agrees() -> None:
     assert not _stats.torch_stats_kernel_applies(x.to(torch.bfloat16))
     merged = _stats.merge_global_moments(_stats.pack_local_moments(_stats.local_moments(x)))
     var, mean = torch.var_mean(x.double(), dim=[0, 2, 3], unbiased=False)
-    torch.testing.assert_close(merged.mean, mean, rtol=1e-7, atol=0.0)
+    torch.testing.assert_close(merged.mean, mean, rtol=1e-6, atol=0.0)
     assert ((merged.var - var) / var).abs().max() < 1e-3
