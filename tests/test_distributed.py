@@ -273,3 +273,35 @@ def _destroyed_group_error() -> str:
 def test_destroyed_group_is_a_clear_error() -> None:
     results = harness.run_ranks(2, _destroyed_group_error)
     assert all(r != "no error" for r in results), results
+
+
+# --- copies of a layer that holds a process group ------------------------------------------
+
+
+def _copies_of_grouped_layer() -> dict[str, str]:
+    import copy
+    import pickle
+
+    group = dist.new_group([0, 1])
+    layer = syncbn.SyncBatchNorm(3, process_group=group)
+    clone = copy.deepcopy(nn.Sequential(layer))[0]
+    out = {"deepcopy_shares_group": str(clone.process_group is group),
+           "deepcopy_new_params": str(clone.weight is not layer.weight)}
+    clone(torch.randn(4, 3))  # trains over the shared group
+    restored = pickle.loads(pickle.dumps(layer))
+    out["pickled_group"] = str(restored.process_group)
+    try:
+        restored(torch.randn(4, 3))
+    except ValueError as error:
+        out["pickled_error"] = str(error)
+    restored.eval()
+    restored(torch.randn(4, 3))  # eval needs no group
+    return out
+
+
+def test_deepcopy_shares_the_group_and_pickling_says_it_dropped_it() -> None:
+    for result in harness.run_ranks(2, _copies_of_grouped_layer):
+        assert result["deepcopy_shares_group"] == "True"
+        assert result["deepcopy_new_params"] == "True"
+        assert result["pickled_group"] == "None"
+        assert "was unpickled, and its process group could not travel" in result["pickled_error"]

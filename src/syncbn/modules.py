@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -64,6 +65,8 @@ class SyncBatchNorm(_BatchNorm):
     inplace: bool
     timeout: float | None
     debug: bool | None
+    _syncbn_group_lost: bool
+    """Set when unpickling dropped a custom process group (training then refuses to run)."""
 
     def __init__(
         self,
@@ -113,6 +116,7 @@ class SyncBatchNorm(_BatchNorm):
         self._syncbn_source_cls = None
         self._syncbn_name = None
         self._syncbn_calls = 0
+        self._syncbn_group_lost = False
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -133,6 +137,12 @@ class SyncBatchNorm(_BatchNorm):
                 factor = 1.0 / float(tracked_steps.item())
         if not self.training:
             return self._forward_eval(input, factor)
+        if self.process_group is None and getattr(self, "_syncbn_group_lost", False):
+            raise ValueError(
+                f"{self.layer_name} was unpickled, and its process group could not travel "
+                "with it (process groups belong to one process); set layer.process_group, "
+                "or call syncbn.convert_sync_batchnorm(model, process_group) again"
+            )
         tracked = self.track_running_stats
         site = call_site(input, self.layer_name, self._syncbn_calls, self.timeout, self.debug)
         self._syncbn_calls += 1
@@ -159,6 +169,24 @@ class SyncBatchNorm(_BatchNorm):
         out = F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                            no_buffers, factor, self.eps)
         return self.activation.apply(out)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickling drops a custom process group (it cannot leave its process) and says so."""
+        # nn.Module's __getstate__/__setstate__ are untyped in torch
+        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
+        if state.get("process_group") is not None:
+            state["process_group"] = None
+            state["_syncbn_group_lost"] = True
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        """A deep copy (e.g. an EMA model) shares the process group and copies the rest."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(dict(self.__dict__), memo))  # type: ignore[no-untyped-call]
+        return copied
 
     @property
     def layer_name(self) -> str:
