@@ -11,13 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from syncbn.paddle_compat import (
     STRUCTURE_KEY,
+    BatchNorm,
+    BatchNorm1D,
+    BatchNorm2D,
     UnsafePickleError,
-    get_activation,
     load_pdparams,
     paddle_to_torch_state_dict,
 )
@@ -51,44 +52,24 @@ def test_real_file_keys_shapes_dtypes() -> None:
     assert all(t.dtype == torch.float32 for t in state.values())
 
 
-class PaddleStyleBN(nn.Module):
-    """Eval-mode BatchNorm with Paddle's parameter names, for the end-to-end check."""
-
-    def __init__(self, n: int, *, weight: bool = True, eps: float = 1e-5, axis: int = 1) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(n)) if weight else None
-        self.bias = nn.Parameter(torch.zeros(n))
-        self.register_buffer("_mean", torch.zeros(n))
-        self.register_buffer("_variance", torch.ones(n))
-        self.eps, self.axis = eps, axis
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.movedim(self.axis, 1)
-        y = F.batch_norm(
-            x, self._mean, self._variance, self.weight, self.bias, False, 0.0, self.eps
-        )
-        return y.movedim(1, self.axis)
-
-
 class Net(nn.Module):
-    """The model of shared/data/paddle/README.md, in torch."""
+    """The model of shared/data/paddle/README.md: torch convs, syncbn.paddle_compat norms."""
 
     def __init__(self) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn1 = PaddleStyleBN(8)
+        self.bn1 = BatchNorm2D(8, momentum=0.8)
         self.conv2 = nn.Conv2d(8, 4, 3, padding=1)
-        self.bn2 = PaddleStyleBN(4, eps=1e-3, axis=3)
+        self.bn2 = BatchNorm2D(4, data_format="NHWC", epsilon=1e-3)
         self.fc = nn.Linear(4, 5)
-        self.bn3 = PaddleStyleBN(5, weight=False)
-        self.bn_old = PaddleStyleBN(5)
-        self.act = get_activation("relu")
+        self.bn3 = BatchNorm1D(5, weight_attr=False)
+        self.bn_old = BatchNorm(5, act="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x))).permute(0, 2, 3, 1)  # NCHW -> NHWC
         h = self.conv2(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # conv in NHWC
         h = self.bn2(h).mean(dim=(1, 2))
-        return self.act(self.bn_old(self.bn3(self.fc(h))))
+        return self.bn_old(self.bn3(self.fc(h)))  # bn_old applies its act='relu'
 
 
 @needs_data

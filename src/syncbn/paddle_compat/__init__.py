@@ -1,8 +1,12 @@
 """Paddle flavour of syncbn: Paddle's signatures and conventions on top of PyTorch.
 
-So far the building blocks: ``ParamAttr``, initializers and regularizers, the
-``*_attr`` resolver the layers use, optimizer helpers that honour the attrs, the
-``act=`` activations, and a safe ``.pdparams`` reader.
+The layers ``SyncBatchNorm`` (synchronized over a ``torch.distributed`` group),
+``BatchNorm1D``/``BatchNorm2D``/``BatchNorm3D`` and the old-style ``BatchNorm``,
+with Paddle's arguments, parameter names (``weight``, ``bias``, ``_mean``,
+``_variance``) and numerics (float32 ``momentum``/``epsilon``, biased running
+variance); and their building blocks: ``ParamAttr``, initializers and
+regularizers, the ``*_attr`` resolver, optimizer helpers that honour the attrs,
+the ``act=`` activations, and a safe ``.pdparams`` reader.
 """
 
 from ._activations import ACTIVATION_NAMES as ACTIVATION_NAMES
@@ -23,6 +27,11 @@ from ._initializers import Uniform as Uniform
 from ._initializers import XavierNormal as XavierNormal
 from ._initializers import XavierUniform as XavierUniform
 from ._initializers import calculate_gain as calculate_gain
+from ._layers import BatchNorm as BatchNorm
+from ._layers import BatchNorm1D as BatchNorm1D
+from ._layers import BatchNorm2D as BatchNorm2D
+from ._layers import BatchNorm3D as BatchNorm3D
+from ._layers import SyncBatchNorm as SyncBatchNorm
 from ._optim import clippable_parameters as clippable_parameters
 from ._optim import l1_penalty as l1_penalty
 from ._optim import optimizer_param_groups as optimizer_param_groups
@@ -42,6 +51,10 @@ __all__ = [
     "ACTIVATION_NAMES",
     "INVERTIBLE_ACTIVATIONS",
     "STRUCTURE_KEY",
+    "BatchNorm",
+    "BatchNorm1D",
+    "BatchNorm2D",
+    "BatchNorm3D",
     "Constant",
     "Initializer",
     "KaimingNormal",
@@ -51,6 +64,7 @@ __all__ = [
     "Normal",
     "ParamAttr",
     "ParamSpec",
+    "SyncBatchNorm",
     "TruncatedNormal",
     "Uniform",
     "UnsafePickleError",

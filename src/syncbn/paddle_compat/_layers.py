@@ -1,0 +1,551 @@
+r"""The Paddle-flavour BatchNorm layers: one N-d implementation and thin shells.
+
+``BatchNorm1D/2D/3D`` differ only in the data formats and input ranks they accept;
+``SyncBatchNorm`` adds the process group; the old-style ``BatchNorm`` adds ``act``,
+``is_test`` and ``trainable_statistics``. What the arguments *mean* is decided in
+``_semantics.py``; the numerics are the core's (``syncbn.functional``).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .. import _comm
+from ..functional import call_site, local_fallback_applies
+from . import _semantics
+from ._activations import get_activation
+from ._initializers import Constant
+from ._param_attr import copy_param_attrs, create_parameter, resolve_param_attr
+from ._semantics import (
+    LAYOUT_1D,
+    LAYOUT_2D,
+    LAYOUT_3D,
+    LAYOUT_BATCHNORM,
+    LAYOUT_SYNC,
+    LayoutRule,
+    StatsMode,
+)
+
+__all__ = ["BatchNorm", "BatchNorm1D", "BatchNorm2D", "BatchNorm3D", "SyncBatchNorm"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _check_features(value: object, layer: str, arg_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{layer}: expected {arg_name} to be an int (the number of channels C), got "
+            f"{type(value).__name__} ({value!r}). Fix: pass e.g. {layer}(16)."
+        )
+    if value <= 0:
+        raise ValueError(
+            f"{layer}: expected {arg_name} > 0 (the number of channels C), got {value}. "
+            f"Fix: pass the input's channel count, e.g. {layer}(16)."
+        )
+    return value
+
+
+def _check_flag(value: object, layer: str, arg_name: str, allow_none: bool = False) -> None:
+    if isinstance(value, bool) or (allow_none and value is None):
+        return
+    accepted = "None, True or False" if allow_none else "True or False"
+    raise TypeError(
+        f"{layer}: expected {arg_name} to be {accepted}, got {type(value).__name__} "
+        f"({value!r}). Fix: pass {arg_name}=True or {arg_name}=False."
+    )
+
+
+class _BatchNormBase(nn.Module):
+    r"""Batch normalization in Paddle's conventions over C at dim 1 or last, for any rank.
+
+    Per channel, over the ``m`` values of the batch (all ranks' for ``SyncBatchNorm``)::
+
+        μ = (1/m)·Σx,   σ² = (1/m)·Σ(x − μ)²          (biased, also for the running stats)
+        y = weight·(x − μ)/√(σ² + epsilon) + bias
+        _mean ← momentum·_mean + (1 − momentum)·μ
+        _variance ← momentum·_variance + (1 − momentum)·σ²
+
+    ``momentum`` and ``epsilon`` act as their float32 roundings, as in Paddle (so
+    float64 results agree with Paddle's). With running statistics,
+    ``y = weight·(x − _mean)/√(_variance + epsilon) + bias`` and the gradients are
+    those of this affine map. Which of the two a forward uses, and whether it updates
+    ``_mean``/``_variance``, is ``_semantics.statistics_mode`` of the training flag
+    and ``use_global_stats``. When the batch has exactly one value per channel in
+    training, the input is returned unchanged and the statistics are not touched; an
+    empty batch gives an empty output and unchanged statistics.
+
+    Parameters and buffers, in ``state_dict`` order: ``weight`` (initially 1),
+    ``bias`` (0), ``_mean`` (0), ``_variance`` (1); Paddle's names, so a Paddle state
+    dict loads with ``load_state_dict``. There is no ``num_batches_tracked``.
+
+    Unlike Paddle, every present trainable parameter gets its exact gradient when
+    the other one is absent or frozen, and eval-mode batch statistics get the exact
+    gradient of the forward (see ``_semantics``).
+
+    Args:
+        num_features: C, the number of channels.
+        momentum: weight of the old running value in the update above, in [0, 1].
+        epsilon: added to the variance.
+        weight_attr, bias_attr: ``None``/``True``/a :class:`ParamAttr` (initializer,
+            learning_rate, regularizer, trainable), a name, an initializer or a
+            regularizer. ``False``: no such parameter (``None``; acts as scale 1 /
+            shift 0) — on ``SyncBatchNorm`` a frozen parameter of ones / zeros.
+        data_format: where C is (dim 1 or last); the accepted strings depend on the layer.
+        use_global_stats: ``None``: batch statistics (updated) in training, running ones
+            in eval; ``True``: always the running statistics, never updated;
+            ``False``: always the batch statistics, updated even in eval.
+        name: Paddle's layer name; kept for ``repr`` and error messages.
+
+    Shape:
+        Input and output of the same shape; channel-last input (``'NLC'``, ``'NHWC'``,
+        ``'NDHWC'``) comes in and goes out channel-last: C is moved to dim 1 as a view,
+        which for contiguous 4-D/5-D input is torch's channels_last memory format (a
+        contiguous 3-D ``(N, L, C)`` is viewed as ``(N·L, C)``), so nothing is copied.
+
+    Raises:
+        TypeError: an argument or the input has the wrong type, or the input's dtype
+            does not match the parameters'.
+        ValueError: a bad value, an unknown data format, a wrong input rank or channel
+            count (checked at forward: format first, then rank, then channels).
+    """
+
+    _layout: ClassVar[LayoutRule]
+    _when_false: ClassVar[Literal["absent", "frozen"]] = "absent"
+    _features_arg: ClassVar[str] = "num_features"
+    _weight_arg: ClassVar[str] = "weight_attr"
+
+    num_features: int
+    momentum: float
+    epsilon: float
+    data_format: str
+    use_global_stats: bool | None
+    trainable_statistics: bool | None
+    name: str | None
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    _mean: Tensor
+    _variance: Tensor
+
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float = 0.9,
+        epsilon: float = 1e-05,
+        weight_attr: object = None,
+        bias_attr: object = None,
+        data_format: str = "NCHW",
+        use_global_stats: bool | None = None,
+        name: str | None = None,
+        *,
+        trainable_statistics: bool | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        layer = type(self).__name__
+        _check_features(num_features, layer, self._features_arg)
+        _semantics.conventions(momentum, epsilon, layer)  # validates
+        self._layout.channel_last(data_format)  # validates; checked again at forward
+        _check_flag(use_global_stats, layer, "use_global_stats", allow_none=True)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(
+                f"{layer}: expected name to be a str or None, got {type(name).__name__} "
+                f"({name!r}). Fix: pass name='bn1' or leave it out."
+            )
+        self.num_features = num_features
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.data_format = data_format
+        self.use_global_stats = use_global_stats
+        self.trainable_statistics = trainable_statistics
+        self.name = name
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        for param, attr, arg, fill in (("weight", weight_attr, self._weight_arg, 1.0),
+                                       ("bias", bias_attr, "bias_attr", 0.0)):
+            spec = resolve_param_attr(attr, arg_name=f"{layer}: {arg}",
+                                      default_initializer=Constant(fill),
+                                      when_false=self._when_false)
+            create_parameter(self, param, spec, (num_features,), dtype=dtype)
+        self.register_buffer("_mean", torch.zeros(num_features, dtype=dtype))
+        self.register_buffer("_variance", torch.ones(num_features, dtype=dtype))
+
+    # --- forward ---------------------------------------------------------------------------
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` (see the class docstring); same shape and layout out."""
+        layer = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"{layer} expected input to be a torch.Tensor, got {type(input).__name__}. "
+                "Fix: convert it with torch.as_tensor(...)."
+            )
+        channel_last = self._layout.channel_last(self.data_format)
+        self._layout.check_rank(input.dim())
+        x = _semantics.to_channels_first(input, channel_last)
+        self._check_input(x, tuple(input.shape), channel_last)
+        mode = self._statistics_mode()
+        group, site = self._synchronization(x, mode)
+        y = _semantics.batch_norm(
+            x, self._mean, self._variance, self.weight, self.bias, mode=mode,
+            conventions=_semantics.conventions(self.momentum, self.epsilon, layer),
+            process_group=group, site=site,
+        )
+        return _semantics.from_channels_first(y, channel_last, tuple(input.shape))
+
+    def _statistics_mode(self) -> StatsMode:
+        return _semantics.statistics_mode(
+            training=self.training, use_global_stats=self.use_global_stats,
+            trainable_statistics=self.trainable_statistics,
+        )
+
+    def _synchronization(
+        self, x: Tensor, mode: StatsMode
+    ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None]:
+        """The group to take batch statistics over and its call site; local layers: none."""
+        return None, None
+
+    def _check_input(self, x: Tensor, shape: tuple[int, ...], channel_last: bool) -> None:
+        layer = type(self).__name__
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{layer} expected a floating-point input (float16, bfloat16, float32 or "
+                f"float64), got {x.dtype}. Fix: convert it with input.float()."
+            )
+        channels = x.size(1)
+        if channels != self.num_features:
+            where = "the last axis" if channel_last else "dim 1"
+            other = "channels-first" if channel_last else "channel-last"
+            raise ValueError(
+                f"{layer} expected {self.num_features} channels at {where} "
+                f"({self._layout.argument}={self.data_format!r}), got {channels} (input shape "
+                f"{shape}). Fix: build the layer with {self._features_arg}={channels}, or "
+                f"pass the {other} {self._layout.argument} if C sits elsewhere."
+            )
+        param_dtype = self._mean.dtype
+        if x.dtype != param_dtype and not (x.dtype in _HALF and param_dtype == torch.float32):
+            raise TypeError(
+                f"{layer} has {param_dtype} parameters but got a {x.dtype} input. Fix: "
+                f"convert the layer (layer.to({x.dtype})) or the input "
+                f"(input.to({param_dtype}))."
+            )
+
+    def extra_repr(self) -> str:
+        text = (f"num_features={self.num_features}, momentum={self.momentum}, "
+                f"epsilon={self.epsilon}")
+        if self.data_format != "NCHW":
+            text += f", {self._layout.argument}={self.data_format}"
+        if self.use_global_stats is not None:
+            text += f", use_global_stats={self.use_global_stats}"
+        if self.name is not None:
+            text += f", name={self.name}"
+        return text
+
+
+class BatchNorm1D(_BatchNormBase):
+    """As the N-d base, over 2-D or 3-D input: data_format 'NC', 'NCL' or 'NLC'."""
+
+    _layout = LAYOUT_1D
+
+    def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05,
+                 weight_attr: object = None, bias_attr: object = None, data_format: str = "NCL",
+                 use_global_stats: bool | None = None, name: str | None = None) -> None:
+        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
+                         use_global_stats, name)
+
+
+class BatchNorm2D(_BatchNormBase):
+    """As the N-d base, over 4-D input: data_format 'NCHW' or 'NHWC'."""
+
+    _layout = LAYOUT_2D
+
+    def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05,
+                 weight_attr: object = None, bias_attr: object = None, data_format: str = "NCHW",
+                 use_global_stats: bool | None = None, name: str | None = None) -> None:
+        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
+                         use_global_stats, name)
+
+
+class BatchNorm3D(_BatchNormBase):
+    """As the N-d base, over 5-D input: data_format 'NCDHW' or 'NDHWC'."""
+
+    _layout = LAYOUT_3D
+
+    def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05,
+                 weight_attr: object = None, bias_attr: object = None,
+                 data_format: str = "NCDHW", use_global_stats: bool | None = None,
+                 name: str | None = None) -> None:
+        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
+                         use_global_stats, name)
+
+
+_CONVERTIBLE = (BatchNorm1D, BatchNorm2D, BatchNorm3D)
+
+
+class SyncBatchNorm(_BatchNormBase):
+    """As the N-d base, with the statistics of the whole batch over every rank of a group.
+
+    In training, μ and σ² are taken over every value of the channel on every rank
+    of ``process_group`` (default: the world), with any ``torch.distributed``
+    backend, exactly for uneven and empty per-rank batches (one all-reduce of
+    ``2C + 1`` values forward, one of ``2C`` backward). Without an initialized
+    process group, or with a group of one rank, it normalizes with the local batch,
+    which is the same thing. In eval the running statistics normalize and nothing
+    is communicated. Any rank 2–5 with any of 'NC', 'NCL', 'NCHW', 'NCDHW' (C at
+    dim 1) or 'NLC', 'NHWC', 'NDHWC' (C last).
+
+    As in Paddle, ``weight_attr=False`` / ``bias_attr=False`` create a frozen
+    (``requires_grad=False``) parameter of ones / zeros rather than none.
+
+    ``track_running_stats=False`` (from the API contract; Paddle 3 has no such
+    argument) normalizes with the batch statistics in eval too (this rank's own
+    batch, as ``torch.nn.SyncBatchNorm`` does) and never updates ``_mean`` and
+    ``_variance``, which stay in the ``state_dict``.
+
+    Keyword-only extensions (Paddle has none): ``process_group`` (a
+    ``torch.distributed`` group; None: the world), ``timeout`` (seconds one
+    collective may take before a ``syncbn.SyncBatchNormError`` naming this layer;
+    default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
+    fingerprint of layer, call, channels and dtype across ranks first; default
+    ``SYNCBN_DEBUG``).
+    """
+
+    _layout = LAYOUT_SYNC
+    _when_false = "frozen"
+
+    track_running_stats: bool
+    process_group: _comm.ProcessGroup | None
+    timeout: float | None
+    debug: bool | None
+    _syncbn_name: str | None
+    """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
+    _syncbn_calls: int
+    """Synchronized forwards run so far on this rank (the debug fingerprint compares it)."""
+
+    def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05,
+                 weight_attr: object = None, bias_attr: object = None, data_format: str = "NCHW",
+                 track_running_stats: bool = True, name: str | None = None, *,
+                 process_group: _comm.ProcessGroup | None = None, timeout: float | None = None,
+                 debug: bool | None = None) -> None:
+        if isinstance(track_running_stats, str):
+            raise TypeError(
+                f"SyncBatchNorm: expected track_running_stats to be True or False, got the str "
+                f"{track_running_stats!r}. In this signature (the API contract) "
+                "track_running_stats comes before name. Fix: pass name= by keyword."
+            )
+        _check_flag(track_running_stats, "SyncBatchNorm", "track_running_stats")
+        if process_group is not None and not isinstance(
+            process_group, torch.distributed.ProcessGroup
+        ):
+            _comm.resolve_group(process_group)  # raises the error that fits
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise ValueError(
+                f"SyncBatchNorm: expected timeout to be a positive number of seconds or None "
+                f"(the group's own timeout), got {timeout!r}. Fix: pass e.g. timeout=60."
+            )
+        super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
+                         None, name)
+        self.track_running_stats = track_running_stats
+        self.process_group = process_group
+        self.timeout = None if timeout is None else float(timeout)
+        self.debug = debug
+        self._syncbn_name = None
+        self._syncbn_calls = 0
+
+    @property
+    def layer_name(self) -> str:
+        """How errors name this layer: ``name``, else its path (set by convert), else a repr."""
+        return self.name or self._syncbn_name or f"SyncBatchNorm({self.num_features})"
+
+    def _statistics_mode(self) -> StatsMode:
+        return _semantics.statistics_mode(training=self.training, use_global_stats=None,
+                                          track_running_stats=self.track_running_stats)
+
+    def _synchronization(
+        self, x: Tensor, mode: StatsMode
+    ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None]:
+        if not (self.training and mode.batch_stats):
+            return None, None  # eval never communicates
+        group = _comm.resolve_group(self.process_group)
+        if local_fallback_applies(group):
+            return None, None
+        site = call_site(x, self.layer_name, self._syncbn_calls, self.timeout, self.debug)
+        self._syncbn_calls += 1
+        return group, site
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        if not self.track_running_stats:
+            text += ", track_running_stats=False"
+        if self.process_group is not None:
+            text += ", process_group=<custom>"
+        return text
+
+    @classmethod
+    def convert_sync_batchnorm(
+        cls, layer: nn.Module, *, process_group: _comm.ProcessGroup | None = None
+    ) -> nn.Module:
+        """Replace every ``BatchNorm1D/2D/3D`` in ``layer``'s tree by a ``SyncBatchNorm``.
+
+        Each new layer keeps ``momentum``, ``epsilon``, ``data_format``, ``name`` and the
+        train/eval mode, and shares the very ``weight``, ``bias``, ``_mean`` and
+        ``_variance`` tensors (and their ParamAttr records), so an optimizer built
+        before keeps working. An absent weight or bias becomes a frozen parameter of
+        ones / zeros, as ``SyncBatchNorm(weight_attr=False)`` has. As in Paddle,
+        ``use_global_stats`` is not carried over (SyncBatchNorm follows train/eval).
+        ``SyncBatchNorm`` layers stay as they are (and take ``process_group`` when
+        one is given); the old-style ``BatchNorm`` is not converted, as in Paddle.
+        Unlike Paddle, nothing of the caller's layers is renamed or otherwise changed.
+
+        Returns:
+            ``layer`` with the layers replaced in place, or the new layer when
+            ``layer`` itself is a ``BatchNorm1D/2D/3D``.
+
+        Raises:
+            TypeError: ``layer`` is not an ``nn.Module``, or ``process_group`` not a group.
+        """
+        if not isinstance(layer, nn.Module):
+            raise TypeError(
+                f"SyncBatchNorm.convert_sync_batchnorm expected an nn.Module, got "
+                f"{type(layer).__name__}. Fix: pass the model (or layer) to convert."
+            )
+        if process_group is not None and not isinstance(
+            process_group, torch.distributed.ProcessGroup
+        ):
+            _comm.resolve_group(process_group)  # raises the error that fits
+        return cls._convert(layer, process_group, "")
+
+    @classmethod
+    def _convert(cls, layer: nn.Module, process_group: _comm.ProcessGroup | None,
+                 path: str) -> nn.Module:
+        if isinstance(layer, SyncBatchNorm):
+            if process_group is not None:
+                layer.process_group = process_group
+            layer._syncbn_name = layer._syncbn_name or path or None
+            return layer
+        output = cls._from_batchnorm(layer, process_group, path) if isinstance(
+            layer, _CONVERTIBLE) else layer
+        for child_name, child in layer.named_children():
+            output.add_module(child_name, cls._convert(
+                child, process_group, f"{path}.{child_name}" if path else child_name))
+        return output
+
+    @classmethod
+    def _from_batchnorm(cls, source: _BatchNormBase, process_group: _comm.ProcessGroup | None,
+                        path: str) -> SyncBatchNorm:
+        layer = cls(
+            source.num_features, source.momentum, source.epsilon,
+            weight_attr=False if source.weight is None else None,
+            bias_attr=False if source.bias is None else None,
+            data_format=source.data_format, name=source.name, process_group=process_group,
+        )
+        layer.to(device=source._mean.device, dtype=source._mean.dtype)  # the frozen fills
+        if source.weight is not None:
+            layer.weight = source.weight
+        if source.bias is not None:
+            layer.bias = source.bias
+        layer._mean = source._mean
+        layer._variance = source._variance
+        copy_param_attrs(source, layer)
+        layer.train(source.training)
+        layer._syncbn_name = path or None
+        return layer
+
+
+class BatchNorm(_BatchNormBase):
+    """Paddle's old-style ``paddle.nn.BatchNorm``: any rank 2–5, an activation, test flags.
+
+    The N-d base with C at dim 1 (``data_layout='NCHW'``) or last (``'NHWC'``) for
+    any input rank 2–5, ``act`` applied to the normalized output in training and
+    eval, parameters of ``dtype``, and the statistics chosen as Paddle's operator
+    does (``_semantics.statistics_mode``):
+
+    ===============================  ========================  =============
+    setting                          normalizes with           updates stats
+    ===============================  ========================  =============
+    default, ``.train()``            batch statistics          yes
+    default, ``.eval()``             running statistics        no
+    ``is_test=True``                 running (starts in eval)  no
+    ``use_global_stats=True``        running, train or eval    no
+    ``trainable_statistics=True``    batch, in eval too        yes
+    ===============================  ========================  =============
+
+    ``is_test=True`` only sets the initial mode: ``.train()`` undoes it.
+
+    ``param_attr`` is the weight's attr (``False``: no weight, scale 1). The scale
+    starts at 1 (Paddle's code; its docstring's "Xavier" is not what it does).
+    ``in_place``, ``moving_mean_name``, ``moving_variance_name`` and
+    ``do_model_average_for_mean_and_var`` are accepted and kept, with no numerical
+    effect.
+
+    Raises:
+        ValueError: ``act`` is not a known activation (the message lists them), or
+            ``data_layout``/``dtype`` is not accepted.
+    """
+
+    _layout = LAYOUT_BATCHNORM
+    _features_arg = "num_channels"
+    _weight_arg = "param_attr"
+
+    act: str | None
+    in_place: bool
+    moving_mean_name: str | None
+    moving_variance_name: str | None
+    do_model_average_for_mean_and_var: bool
+
+    def __init__(
+        self,
+        num_channels: int,
+        act: str | None = None,
+        is_test: bool = False,
+        momentum: float = 0.9,
+        epsilon: float = 1e-05,
+        param_attr: object = None,
+        bias_attr: object = None,
+        dtype: str | torch.dtype = "float32",
+        data_layout: str = "NCHW",
+        in_place: bool = False,
+        moving_mean_name: str | None = None,
+        moving_variance_name: str | None = None,
+        do_model_average_for_mean_and_var: bool = True,
+        use_global_stats: bool = False,
+        trainable_statistics: bool = False,
+    ) -> None:
+        get_activation(act)  # raises for an unknown name, listing the accepted ones
+        for flag, value in (("is_test", is_test), ("use_global_stats", use_global_stats),
+                            ("trainable_statistics", trainable_statistics)):
+            _check_flag(value, "BatchNorm", flag)
+        super().__init__(
+            num_channels, momentum, epsilon, param_attr, bias_attr, data_layout,
+            use_global_stats, None, trainable_statistics=trainable_statistics,
+            dtype=_semantics.parameter_dtype(dtype, "BatchNorm"),
+        )
+        self.act = act
+        self.in_place = in_place
+        self.moving_mean_name = moving_mean_name
+        self.moving_variance_name = moving_variance_name
+        self.do_model_average_for_mean_and_var = do_model_average_for_mean_and_var
+        self.train(not is_test)
+
+    @property
+    def data_layout(self) -> str:
+        """Paddle's name for this layer's ``data_format``."""
+        return self.data_format
+
+    def forward(self, input: Tensor) -> Tensor:
+        """Normalize ``input`` as the table in the class docstring says, then apply ``act``."""
+        return get_activation(self.act)(super().forward(input))
+
+    def extra_repr(self) -> str:
+        text = (f"num_channels={self.num_features}, momentum={self.momentum}, "
+                f"epsilon={self.epsilon}")
+        if self.data_format != "NCHW":
+            text += f", data_layout={self.data_format}"
+        for flag in ("use_global_stats", "trainable_statistics"):
+            if getattr(self, flag):
+                text += f", {flag}=True"
+        if self.act is not None:
+            text += f", act={self.act}"
+        return text
