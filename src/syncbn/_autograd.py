@@ -64,12 +64,18 @@ def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
 
 def normalize_(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
                bias: Tensor | None) -> Tensor:
-    """:func:`normalize` written into ``x`` (same ``scale·x + shift`` form as torch's kernel)."""
+    """:func:`normalize` written into ``x``: the same kernel, so bitwise the same numbers.
+
+    The kernel is elementwise, so its ``out=`` may alias the input.
+    """
     scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
-    shift = -mean * scale if bias is None else bias.to(inv_std.dtype) - mean * scale
-    ndim = x.dim()
-    return torch.addcmul(_stats.channel_view(shift, ndim), x, _stats.channel_view(scale, ndim),
-                         out=x)
+    shift = None if bias is None else bias.to(inv_std.dtype)
+    unused = inv_std.new_empty(0)
+    torch.ops.aten.native_batch_norm.out(
+        x, scale, shift, mean, torch.ones_like(inv_std), False, 0.0, 0.0,
+        out=x, save_mean=unused, save_invstd=unused.clone(),
+    )
+    return x
 
 
 def affine_map(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
@@ -90,24 +96,24 @@ def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _st
     return _stats.GradSums(sum_dy.to(mean.dtype), sum_dy_xhat.to(mean.dtype))
 
 
-def check_inplace(x: Tensor, weight: Tensor | None, activation: Activation) -> None:
-    """``inplace=True`` needs an invertible activation, ``weight ≠ 0``, and an input nobody needs.
+def inplace_blocker(x: Tensor, weight: Tensor | None, activation: Activation) -> str | None:
+    """Why the in-place mode cannot run on ``x`` (with the fix), or ``None`` when it can.
 
-    Raises:
-        ValueError: with the reason and the fix.
+    It needs an invertible activation, ``weight ≠ 0`` (to recover x̂ from the
+    output), and an input that autograd does not need: not a leaf that requires
+    grad, not saved by the op that produced it. (A *later* consumer of ``x`` that
+    saved it is caught by autograd's version counter at backward.)
     """
     if not activation.invertible:
-        raise ValueError(
+        return (
             f"inplace=True needs an invertible activation to recompute the normalized "
             f"values from the output, got {activation.name!r} (param {activation.param:g}); "
             "use 'identity', 'leaky_relu' with a slope > 0 or 'elu' with alpha > 0, or "
             "inplace=False"
         )
     if x.requires_grad and x.is_leaf:
-        raise ValueError(
-            "inplace=True would overwrite the input, but it is a leaf tensor that requires "
-            "grad; pass the output of another layer, or use inplace=False"
-        )
+        return ("inplace=True would overwrite the input, but it is a leaf tensor that requires "
+                "grad; pass the output of another layer, or use inplace=False")
     grad_fn = x.grad_fn
     if grad_fn is not None:
         for name in dir(grad_fn):
@@ -117,17 +123,23 @@ def check_inplace(x: Tensor, weight: Tensor | None, activation: Activation) -> N
             if isinstance(saved, Tensor) and saved.numel() > 0 and (
                 saved.data_ptr() == x.data_ptr()
             ):
-                raise ValueError(
+                return (
                     f"inplace=True would overwrite the input, but autograd still needs it "
                     f"(saved by {type(grad_fn).__name__} for its backward); put the layer "
                     "after an op that does not save its output (e.g. a convolution), or use "
                     "inplace=False"
                 )
     if weight is not None and bool((weight == 0).any()):
-        raise ValueError(
-            "inplace=True recovers x̂ = (y − bias)/weight, but some weight entries are 0; "
-            "use inplace=False for this layer (or keep its weight away from 0)"
-        )
+        return ("inplace=True recovers x̂ = (y − bias)/weight, but some weight entries are 0; "
+                "use inplace=False for this layer (or keep its weight away from 0)")
+    return None
+
+
+def check_inplace(x: Tensor, weight: Tensor | None, activation: Activation) -> None:
+    """Raise ``ValueError`` with :func:`inplace_blocker`'s reason, if any."""
+    reason = inplace_blocker(x, weight, activation)
+    if reason is not None:
+        raise ValueError(reason)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -174,8 +186,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
             if single_value == "raise":
                 raise single_value_error(1)
             ctx.identity = True
-            if inplace_activation is not None:
+            if inplace_activation is not None:  # y = f(x): keep y for f' in backward
+                inplace_activation.apply_(x)
                 ctx.mark_dirty(x)
+                ctx.save_for_backward(x)
                 return x
             return x.clone()
 
@@ -197,6 +211,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         nones = (None,) * 9
         if ctx.identity:
+            if ctx.activation is not None:
+                (y,) = ctx.saved_tensors
+                dy = ctx.activation.grad_through(dy, y)
             return (dy, None, None, *nones)
         saved, weight, bias, mean, inv_std, count = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]

@@ -74,6 +74,8 @@ def _f32(value: float) -> float:
 
 
 _LEAKY_SLOPE = _f32(0.02)
+LEAKY_RELU_SLOPE = _LEAKY_SLOPE
+"""Slope of Paddle's ``leaky_relu`` operator as ``act=`` applies it (float32 0.02)."""
 _SELU_SCALE = _f32(1.0507009873554804934193349852946)
 _SELU_ALPHA = _f32(1.6732632423543772848170429916717)
 _HARD_SIGMOID_SLOPE = _f32(0.2)

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import _comm
+from .._activation import Activation
+from .._autograd import inplace_blocker
 from ..functional import call_site, local_fallback_applies
 from . import _semantics
 from ._activations import get_activation
@@ -190,9 +192,13 @@ class _BatchNormBase(nn.Module):
         y = _semantics.batch_norm(
             x, self._mean, self._variance, self.weight, self.bias, mode=mode,
             conventions=_semantics.conventions(self.momentum, self.epsilon, layer),
-            process_group=group, site=site,
+            process_group=group, site=site, inplace_activation=self._fused(x, mode),
         )
         return _semantics.from_channels_first(y, channel_last, tuple(input.shape))
+
+    def _fused(self, x: Tensor, mode: StatsMode) -> Activation | None:
+        """The activation to fuse in place into this call (the old BatchNorm's hook)."""
+        return None
 
     def _statistics_mode(self) -> StatsMode:
         return _semantics.statistics_mode(
@@ -491,6 +497,7 @@ class BatchNorm(_BatchNormBase):
 
     act: str | None
     in_place: bool
+    _fused_last: bool
     moving_mean_name: str | None
     moving_variance_name: str | None
     do_model_average_for_mean_and_var: bool
@@ -535,8 +542,27 @@ class BatchNorm(_BatchNormBase):
         return self.data_format
 
     def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input`` as the table in the class docstring says, then apply ``act``."""
-        return get_activation(self.act)(super().forward(input))
+        """Normalize ``input`` as the table in the class docstring says, then apply ``act``.
+
+        With ``in_place=True``, batch statistics and an ``act`` the core can invert
+        (None, 'leaky_relu', 'elu'), the activation is fused into the core's
+        in-place activated mode: the input is overwritten and only the output is
+        saved for backward. Where that mode cannot run (another ``act``, an input
+        autograd still needs, a zero scale), the same result is computed out of
+        place: ``in_place`` never changes the numbers.
+        """
+        self._fused_last = False
+        y = super().forward(input)
+        return y if self._fused_last else get_activation(self.act)(y)
+
+    def _fused(self, x: Tensor, mode: StatsMode) -> Activation | None:
+        activation = _semantics.fused_activation(self.act) if self.in_place else None
+        if activation is None or not mode.batch_stats:
+            return None
+        if inplace_blocker(x, self.weight, activation) is not None:
+            return None
+        self._fused_last = True
+        return activation
 
     def extra_repr(self) -> str:
         text = (f"num_channels={self.num_features}, momentum={self.momentum}, "

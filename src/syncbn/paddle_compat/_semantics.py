@@ -59,8 +59,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _comm
+from .._activation import Activation
 from .._autograd import SingleValuePolicy, is_recomputing
 from ..functional import synchronized_batch_norm
+from ._activations import LEAKY_RELU_SLOPE
 
 __all__ = [
     "BATCH_NO_UPDATE",
@@ -79,6 +81,7 @@ __all__ = [
     "batch_norm",
     "conventions",
     "from_channels_first",
+    "fused_activation",
     "parameter_dtype",
     "statistics_mode",
     "to_channels_first",
@@ -356,6 +359,7 @@ def batch_norm(
     conventions: Conventions,
     process_group: _comm.ProcessGroup | None = None,
     site: _comm.CallSite | None = None,
+    inplace_activation: Activation | None = None,
 ) -> Tensor:
     """Paddle-convention batch normalization of a channels-first ``input`` (C at dim 1).
 
@@ -366,6 +370,10 @@ def batch_norm(
     ``mode.update_running`` (never inside a checkpoint's recompute). Otherwise
     ``F.batch_norm`` with the running statistics: the gradients are those of the
     affine map ``γ·(x − _mean)/√(_variance + ε) + β``.
+
+    ``inplace_activation`` (batch statistics only) runs the core's in-place
+    activated mode: ``input`` is overwritten with ``f(BN(x))``; the caller must
+    not apply the activation again.
     """
     if not mode.batch_stats:
         return F.batch_norm(input, running_mean, running_var, weight, bias, False, 0.0,
@@ -375,7 +383,24 @@ def batch_norm(
         input, running_mean if update else None, running_var if update else None, weight, bias,
         eps=conventions.eps, decay=conventions.decay, unbiased_var=UNBIASED_RUNNING_VAR,
         process_group=process_group, single_value=SINGLE_VALUE, site=site,
+        inplace_activation=inplace_activation,
     )
+
+
+def fused_activation(act: str | None) -> Activation | None:
+    """The core activation for Paddle's ``act`` in the in-place mode, or ``None``.
+
+    Only the activations the core can invert fuse: ``None`` (identity),
+    ``'leaky_relu'`` (Paddle's operator slope, float32 0.02) and ``'elu'``
+    (α = 1). Every other ``act`` is applied after the layer, out of place.
+    """
+    if act is None:
+        return Activation("identity")
+    if act == "leaky_relu":
+        return Activation("leaky_relu", LEAKY_RELU_SLOPE)
+    if act == "elu":
+        return Activation("elu", 1.0)
+    return None
 
 
 def parameter_dtype(dtype: object, layer: str) -> torch.dtype:
