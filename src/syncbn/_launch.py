@@ -18,6 +18,7 @@ stops answering fails the run within that time instead of blocking forever.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import errno
 import multiprocessing
@@ -27,7 +28,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -37,8 +38,13 @@ import torch.distributed as dist
 __all__ = [
     "DistEnv",
     "LaunchError",
+    "UsageError",
+    "check_at_least",
     "check_backend",
     "check_device",
+    "check_port",
+    "check_timeout",
+    "default_backend",
     "free_port",
     "join_torchrun",
     "leave_group",
@@ -56,6 +62,10 @@ P = TypeVar("P")
 
 class LaunchError(RuntimeError):
     """The ranks could not be started, or one of them failed; the message says which and why."""
+
+
+class UsageError(LaunchError):
+    """Bad options or a missing requirement, found before any rank starts."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,7 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunVars | Non
     """The torchrun variables, or ``None`` when this process was not started by torchrun.
 
     Raises:
-        LaunchError: only some of the variables are set, or one is not an integer.
+        UsageError: only some of the variables are set, or one is not an integer.
     """
     env = os.environ if environ is None else environ
     present = [name for name in TORCHRUN_VARS if name in env]
@@ -93,7 +103,7 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunVars | Non
         return None
     missing = [name for name in TORCHRUN_VARS if name not in env]
     if missing:
-        raise LaunchError(
+        raise UsageError(
             f"found torchrun variables {', '.join(present)} but not {', '.join(missing)}; "
             "start with `torchrun --nproc-per-node N -m syncbn ...`, or unset them all "
             "to let syncbn spawn its own local ranks"
@@ -107,9 +117,22 @@ def torchrun_env(environ: Mapping[str, str] | None = None) -> TorchrunVars | Non
             master_port=int(env["MASTER_PORT"]),
         )
     except ValueError as exc:
-        raise LaunchError(
-            f"torchrun variables must be integers (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_PORT): {exc}"
+        raise UsageError(
+            "torchrun variables RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT must be "
+            f"integers: {exc}"
         ) from None
+
+
+def check_at_least(option: str, value: int, minimum: int = 1) -> None:
+    """Raise :class:`UsageError` unless the integer option ``value`` is ``>= minimum``."""
+    if value < minimum:
+        raise UsageError(f"{option} must be at least {minimum}, got {value}")
+
+
+def check_timeout(timeout_s: float) -> None:
+    """Raise :class:`UsageError` unless the timeout is a positive number of seconds."""
+    if not (timeout_s > 0 and timeout_s < float("inf")):
+        raise UsageError(f"--timeout must be a positive number of seconds, got {timeout_s}")
 
 
 def default_backend(device: str) -> str:
@@ -121,25 +144,25 @@ def check_device(device: str, nproc: int | None) -> None:
     """Check that ``device`` exists here, and has a GPU per local rank when it is CUDA.
 
     Raises:
-        LaunchError: with what was asked, what is there, and what to pass instead.
+        UsageError: with what was asked, what is there, and what to pass instead.
     """
     if device == "cpu":
         return
     if device != "cuda":
-        raise LaunchError(f"--device must be 'cpu' or 'cuda', got {device!r}")
+        raise UsageError(f"--device must be 'cpu' or 'cuda', got {device!r}")
     if not torch.cuda.is_available():
         why = (
             "this torch build has no CUDA support"
             if torch.version.cuda is None
             else "no CUDA GPU is visible"
         )
-        raise LaunchError(
+        raise UsageError(
             f"--device cuda was requested, but {why} (torch {torch.__version__}); "
             "run with --device cpu"
         )
     count = torch.cuda.device_count()
     if nproc is not None and nproc > count:
-        raise LaunchError(
+        raise UsageError(
             f"--device cuda gives each local rank its own GPU: --nproc {nproc} needs "
             f"{nproc} GPUs, but {count} are visible; pass --nproc {count} or --device cpu"
         )
@@ -149,23 +172,23 @@ def check_backend(backend: str, device: str) -> None:
     """Check that ``backend`` is built into this torch and can carry ``device`` tensors.
 
     Raises:
-        LaunchError: the backend is unknown, unavailable, or NCCL was asked for CPU tensors.
+        UsageError: the backend is unknown, unavailable, or NCCL was asked for CPU tensors.
     """
     if not dist.is_available():
-        raise LaunchError(
+        raise UsageError(
             f"this torch build ({torch.__version__}) has no torch.distributed; "
             "install a build with distributed support"
         )
-    if not dist.is_backend_available(backend):
-        known = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if dist.is_backend_available(b)]
-        raise LaunchError(
-            f"--backend {backend!r} is not available in this torch build; "
-            f"available: {', '.join(known) or 'none'}"
-        )
     if backend == "nccl" and device != "cuda":
-        raise LaunchError(
+        raise UsageError(
             "--backend nccl carries only CUDA tensors, but --device is cpu; "
             "pass --device cuda, or --backend gloo"
+        )
+    if not dist.is_backend_available(backend):
+        known = [b for b in ("gloo", "nccl", "mpi", "ucc", "xccl") if dist.is_backend_available(b)]
+        raise UsageError(
+            f"--backend {backend!r} is not available in this torch build; "
+            f"available: {', '.join(known) or 'none'}"
         )
 
 
@@ -194,14 +217,14 @@ def check_port(port: int | None) -> int:
     """``port`` if it is usable, else a free one when ``port`` is ``None``.
 
     Raises:
-        LaunchError: the port is out of range or something already listens on it.
+        UsageError: the port is out of range or something already listens on it.
     """
     if port is None:
         return free_port()
     if not 1 <= port <= 65535:
-        raise LaunchError(f"--port must be in 1..65535, got {port}")
+        raise UsageError(f"--port must be in 1..65535, got {port}")
     if port_in_use(port):
-        raise LaunchError(
+        raise UsageError(
             f"port {port} on {LOCAL_ADDR} is already in use; pass another --port, "
             "or leave --port out to pick a free one"
         )
@@ -247,12 +270,20 @@ def leave_group() -> None:
         dist.destroy_process_group()
 
 
+_Report = tuple[int, str, object]
+"""What a spawned rank sends back: ``(rank, "exit", code)`` or ``(rank, "error", traceback)``."""
+
+
 @dataclass(frozen=True)
 class _WorkerArgs(Generic[P]):
-    """Everything one spawned rank needs; pickled by the spawn start method."""
+    """What one spawned rank needs besides the payload; pickled by the spawn start method.
+
+    The payload travels through a queue instead: spawn writes a process's
+    arguments into a pipe that the child reads only after importing torch, so
+    a payload larger than the pipe buffer would start the ranks one by one.
+    """
 
     target: Callable[[DistEnv, P], int]
-    payload: P
     world_size: int
     port: int
     backend: str
@@ -261,7 +292,12 @@ class _WorkerArgs(Generic[P]):
     env: dict[str, str]
 
 
-def _worker(rank: int, args: _WorkerArgs[P], reports: multiprocessing.Queue[object]) -> None:
+def _worker(
+    rank: int,
+    args: _WorkerArgs[P],
+    payloads: multiprocessing.Queue[P],
+    reports: multiprocessing.Queue[_Report],
+) -> None:
     """Body of a spawned rank: join the group, run the target, report ``(rank, kind, value)``."""
     os.environ.update(args.env)
     os.environ.update(
@@ -271,6 +307,7 @@ def _worker(rank: int, args: _WorkerArgs[P], reports: multiprocessing.Queue[obje
     # Several ranks share few cores: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
     try:
+        payload = payloads.get(timeout=args.timeout_s)
         device = _rank_device(args.device, rank)
         dist.init_process_group(
             args.backend,
@@ -284,16 +321,22 @@ def _worker(rank: int, args: _WorkerArgs[P], reports: multiprocessing.Queue[obje
             rank=rank, world_size=args.world_size, local_rank=rank, backend=args.backend,
             device=device, launcher="spawn",
         )
-        code = args.target(env, args.payload)
+        code = args.target(env, payload)
         sys.stdout.flush()
         reports.put((rank, "exit", code))
     except BaseException:  # report everything, KeyboardInterrupt included, then leave
         reports.put((rank, "error", traceback.format_exc()))
     finally:
-        try:
+        # the group may be broken after a failure; exiting is what matters
+        with contextlib.suppress(Exception):
             leave_group()
-        except Exception:  # the group may be broken after a failure; exiting is what matters
-            pass
+    # Leave without the interpreter's teardown (about a second per rank with torch
+    # loaded, paid N times on few cores): flush what the parent must see, then exit.
+    reports.close()
+    reports.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _local_env() -> dict[str, str]:
@@ -325,17 +368,22 @@ def spawn(
             without reporting; the other ranks have been stopped by then.
     """
     context = multiprocessing.get_context("spawn")
-    reports: multiprocessing.Queue[object] = context.Queue()
+    payloads: multiprocessing.Queue[P] = context.Queue()
+    reports: multiprocessing.Queue[_Report] = context.Queue()
     args = _WorkerArgs(
-        target=target, payload=payload, world_size=nproc, port=port, backend=backend,
+        target=target, world_size=nproc, port=port, backend=backend,
         device=device, timeout_s=timeout_s, env=_local_env(),
     )
     processes = [
-        context.Process(target=_worker, args=(rank, args, reports), name=f"syncbn-rank{rank}")
+        context.Process(
+            target=_worker, args=(rank, args, payloads, reports), name=f"syncbn-rank{rank}"
+        )
         for rank in range(nproc)
     ]
     finished = False
     try:
+        for _ in range(nproc):
+            payloads.put(payload)  # one copy per rank, written by a background thread
         for process in processes:
             process.start()
         codes = _collect(processes, reports, grace_s)
@@ -343,14 +391,15 @@ def spawn(
     finally:
         # After a failure the other ranks may sit in a collective: stop them now.
         _stop(processes, wait_s=10.0 if finished else 0.0)
-        reports.close()
-        reports.cancel_join_thread()
+        for channel in (payloads, reports):
+            channel.close()
+            channel.cancel_join_thread()
     return codes
 
 
 def _collect(
-    processes: list[multiprocessing.process.BaseProcess],
-    reports: multiprocessing.Queue[object],
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    reports: multiprocessing.Queue[_Report],
     grace_s: float,
 ) -> list[int]:
     """Wait for one report per rank; raise on the first error or silent death."""
@@ -358,28 +407,67 @@ def _collect(
     dead_since: dict[int, float] = {}
     while len(codes) < len(processes):
         try:
-            rank, kind, value = reports.get(timeout=0.1)  # type: ignore[misc]
+            rank, kind, value = reports.get(timeout=0.1)
         except queue.Empty:
             now = time.monotonic()
             for rank, process in enumerate(processes):
                 if rank in codes or process.exitcode is None:
                     continue
                 # A rank's last report may still be in the pipe when it has exited.
-                first_seen = dead_since.setdefault(rank, now)
-                if now - first_seen > grace_s:
-                    raise LaunchError(
-                        f"rank {rank} exited with code {process.exitcode} without reporting "
-                        "(killed, or out of memory?)"
-                    ) from None
+                if now - dead_since.setdefault(rank, now) > grace_s:
+                    raise LaunchError(_died(rank, process)) from None
             continue
         if kind == "error":
-            last_line = str(value).strip().splitlines()[-1] if str(value).strip() else ""
-            raise LaunchError(f"rank {rank} failed: {last_line}\n\n{value}")
-        codes[int(rank)] = int(value)
+            raise LaunchError(_failure(processes, reports, codes, {rank: str(value)}))
+        if not isinstance(value, int):  # pragma: no cover - targets return int
+            raise LaunchError(f"rank {rank} returned {value!r} instead of an exit code")
+        codes[rank] = value
     return [codes[rank] for rank in range(len(processes))]
 
 
-def _stop(processes: list[multiprocessing.process.BaseProcess], wait_s: float) -> None:
+def _died(rank: int, process: multiprocessing.process.BaseProcess) -> str:
+    code = process.exitcode
+    how = f"was killed by signal {-code}" if code is not None and code < 0 else (
+        f"exited with code {code}"
+    )
+    return f"rank {rank} {how} without reporting (killed, or out of memory?)"
+
+
+def _failure(
+    processes: Sequence[multiprocessing.process.BaseProcess],
+    reports: multiprocessing.Queue[_Report],
+    codes: dict[int, int],
+    errors: dict[int, str],
+    settle_s: float = 1.0,
+) -> str:
+    """The message for a failed run, root cause first.
+
+    When one rank dies or raises, its peers soon fail too (a collective loses
+    its partner), and their reports may arrive first; so wait ``settle_s`` for
+    the rest, and put ranks that died without a word ahead of those that raised.
+    """
+    deadline = time.monotonic() + settle_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(queue.Empty):
+            rank, kind, value = reports.get(timeout=0.05)
+            if kind == "error":
+                errors.setdefault(rank, str(value))
+    silent = [
+        rank for rank, process in enumerate(processes)
+        if process.exitcode not in (None, 0) and rank not in errors and rank not in codes
+    ]
+    first_rank, first_traceback = next(iter(errors.items()))
+    lines = first_traceback.strip().splitlines()
+    failed = f"rank {first_rank} failed: {lines[-1] if lines else 'unknown error'}"
+    others = ", ".join(str(rank) for rank in sorted(set(errors) - {first_rank}))
+    also = f" (then also: rank {others})" if others else ""
+    if silent:
+        died = "; ".join(_died(rank, processes[rank]) for rank in silent)
+        return f"{died}; then {failed}{also}\n\n{first_traceback}"
+    return f"{failed}{also}\n\n{first_traceback}"
+
+
+def _stop(processes: Sequence[multiprocessing.process.BaseProcess], wait_s: float) -> None:
     """Give the ranks ``wait_s`` seconds to exit; terminate, then kill, any still running."""
     deadline = time.monotonic() + wait_s
     for process in processes:

@@ -72,17 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="train a small CNN three ways and prove syncbn equals one big batch",
-        description="Train one small conv net on scikit-learn's digits three ways from the "
-        "same weights and sample order: (a) DDP with per-rank BatchNorm2d, (b) DDP with "
-        "syncbn.convert_sync_batchnorm, (c) one process on the global batch (the reference, "
-        "on rank 0). Prints a table, writes results.json and curves.png, and exits 1 if (b) "
-        "departs from (c) by more than a float32 tolerance. Needs: pip install 'syncbn[demo]'.",
+        description=(
+            "Train one small conv net on scikit-learn's digits three ways, from the same\n"
+            "weights and the same global sample order:\n"
+            "  (a) DDP with per-rank torch.nn.BatchNorm2d (statistics of B samples),\n"
+            "  (b) DDP with syncbn.convert_sync_batchnorm (statistics of nproc·B samples),\n"
+            "  (c) one process on the global batch of nproc·B (the reference, on rank 0).\n"
+            "Prints a table at each evaluation point, writes results.json and curves.png to\n"
+            "--out, and exits 1 if (b) departs from (c) by more than a float32 tolerance.\n"
+            "Needs the demo extras: pip install 'syncbn[demo]'."
+        ),
         epilog=_EPILOG.format(command="demo"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_group_options(demo, default_nproc="4")
     demo.add_argument(
-        "--steps", type=int, default=600, help="SGD steps of each run (default: 600)"
+        "--steps", type=int, default=400, help="SGD steps of each run (default: 400)"
     )
     demo.add_argument(
         "--batch-per-rank", type=int, default=2, metavar="B",
@@ -103,11 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check",
         help="check syncbn against BatchNorm on the gathered global batch, on this group",
-        description="On the live process group (torchrun's, or locally spawned ranks), "
-        "compare syncbn's outputs, gradients and running stats with torch.nn.BatchNorm on "
-        "the gathered global batch for several shapes, dtypes and memory formats, with "
-        "uneven per-rank batches and an empty rank; time forward+backward against local "
-        "BatchNorm; print a verdict table. Exits 1 on any mismatch.",
+        description=(
+            "On the live process group (torchrun's, or locally spawned ranks), compare\n"
+            "syncbn's outputs, gradients and running stats with torch.nn.BatchNorm on the\n"
+            "gathered global batch, for input ranks 2-5, float32 and float64, contiguous\n"
+            "and channels-last, with uneven per-rank batches and an empty rank; time\n"
+            "forward+backward against local BatchNorm; print a verdict table.\n"
+            "Exits 1 on any mismatch."
+        ),
         epilog=_EPILOG.format(command="check"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -130,8 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
 
-    from ._demo import UsageError
-    from ._launch import LaunchError
+    from ._launch import LaunchError, UsageError
 
     try:
         if args.command == "demo":
