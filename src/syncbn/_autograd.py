@@ -172,7 +172,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         packed = _stats.pack_local_moments(moments)
         if process_group is not None:
             assert site is not None, "a group needs a CallSite"
-            packed = _comm.reduce_forward(packed, process_group, site)  # 2C + 1 float64
+            packed = _comm.reduce_forward(packed, process_group, site)  # 2C + 1 (+ step key)
         stats = _stats.merge_global_moments(packed)
 
         ctx.process_group = process_group

@@ -1,7 +1,8 @@
 """The only module that calls ``torch.distributed``.
 
 One sum-all-reduce per direction, named after its step: :func:`reduce_forward`
-carries ``2C + 1`` float64 values, :func:`reduce_backward` ``2C`` float64 values.
+carries ``2C + 2`` float64 values (the moments and a step key),
+:func:`reduce_backward` ``2C`` float64 values: ``8·(4C + 2)`` bytes per step.
 Neither depends on the world size (unlike an all_gather), and since both are
 float64 whatever the input dtype, ranks that disagree on the dtype still exchange
 buffers of the same size (and the merged statistics stay correct).
@@ -17,6 +18,7 @@ of exchanging mismatched buffers.
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -35,10 +37,12 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def resolve_group(process_group: ProcessGroup | None) -> ProcessGroup | None:
+def resolve_group(process_group: ProcessGroup | None,
+                  who: str = "SyncBatchNorm") -> ProcessGroup | None:
     """The group to synchronize over, or ``None`` when no synchronization is possible.
 
     ``None`` resolves to the default (world) group when one is initialized.
+    ``who`` names the layer in error messages.
 
     Raises:
         TypeError: ``process_group`` is not a ``torch.distributed.ProcessGroup``.
@@ -49,25 +53,25 @@ def resolve_group(process_group: ProcessGroup | None) -> ProcessGroup | None:
         return dist.group.WORLD if is_distributed() else None
     if not dist.is_available():
         raise ValueError(
-            "SyncBatchNorm got a process_group, but this build of torch has no "
+            f"{who} got a process_group, but this build of torch has no "
             "torch.distributed; pass process_group=None to normalize locally"
         )
     if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError(
-            "SyncBatchNorm's process_group does not include this rank "
+            f"{who}'s process_group does not include this rank "
             f"(global rank {dist.get_rank()}): torch.distributed.new_group() returns "
             "a placeholder on ranks outside the group; give each rank the group it "
             "belongs to"
         )
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
-            "SyncBatchNorm expected process_group to be a torch.distributed.ProcessGroup "
+            f"{who} expected process_group to be a torch.distributed.ProcessGroup "
             f"or None, got {type(process_group).__name__}; create one with "
             "torch.distributed.new_group(ranks)"
         )
     if not dist.is_initialized():
         raise ValueError(
-            "SyncBatchNorm got a process_group, but the default process group is not "
+            f"{who} got a process_group, but the default process group is not "
             "initialized (or was destroyed); call torch.distributed.init_process_group() "
             "first, or pass process_group=None to normalize locally"
         )
@@ -75,7 +79,7 @@ def resolve_group(process_group: ProcessGroup | None) -> ProcessGroup | None:
         dist.get_rank(process_group)
     except (ValueError, KeyError, RuntimeError) as error:
         raise ValueError(
-            "SyncBatchNorm's process_group is not registered with torch.distributed (it "
+            f"{who}'s process_group is not registered with torch.distributed (it "
             "was destroyed, or belongs to an earlier init_process_group); create it again "
             "with torch.distributed.new_group(ranks) and give it to the layer"
         ) from error
@@ -116,8 +120,13 @@ class CallSite:
 
     def describe(self, phase: str) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"SyncBatchNorm '{self.layer}' ({phase}, call {self.call}, C={self.channels}, "
+        return (f"{layer_label(self.layer)} ({phase}, call {self.call}, C={self.channels}, "
                 f"{dtype}, input {self.shape})")
+
+
+def layer_label(layer: str) -> str:
+    """``SyncBatchNorm 'backbone.bn1'`` for a named layer, the name itself for a repr."""
+    return layer if layer.endswith(")") and "(" in layer else f"SyncBatchNorm '{layer}'"
 
 
 def env_debug() -> bool:
@@ -143,14 +152,27 @@ def env_timeout() -> float | None:
     return value
 
 
-_HINT = ("a rank may have skipped this layer (a data-dependent branch), run it in eval mode "
-         "while the others train, called it a different number of times, or died; "
-         f"run with {DEBUG_ENV}=1 to find the rank and the layer")
+def _hint(site: CallSite) -> str:
+    causes = ("a rank may have skipped this layer (a data-dependent branch), run it in eval "
+              "mode while the others train, called it a different number of times, or died")
+    if site.debug:
+        return causes
+    return f"{causes}; run with {DEBUG_ENV}=1 to find the rank and the layer"
+
+
+STEP_KEY_BITS = 20
+"""The forward buffer carries one extra value, a key < 2**20 of (layer, call)."""
+
+
+def step_key(site: CallSite) -> int:
+    """A number every rank computes alike at the same layer and call: ``1 ≤ key ≤ 2**20``."""
+    return zlib.crc32(f"{site.layer}#{site.call}".encode()) % (1 << STEP_KEY_BITS) + 1
 
 
 def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
                     phase: str) -> Tensor:
     """Sum over the group, waiting at most ``site.timeout_s``; failures name the layer."""
+    start = time.monotonic()
     try:
         if site.timeout_s is None:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
@@ -159,11 +181,14 @@ def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
                                    async_op=True)
             work.wait(timedelta(seconds=site.timeout_s))
     except RuntimeError as error:
-        waited = "the group's timeout" if site.timeout_s is None else f"{site.timeout_s:g} s"
+        elapsed = time.monotonic() - start
+        if site.timeout_s is not None and elapsed >= 0.9 * site.timeout_s:
+            what = f"did not complete within {site.timeout_s:g} s"
+        else:
+            what = f"failed after {elapsed:.2f} s"
         raise SyncBatchNormError(
             f"{site.describe(phase)}: the all_reduce over {group_size(process_group)} ranks "
-            f"failed or did not complete within {waited} ({str(error).strip()[:300]}); "
-            f"{_HINT}"
+            f"{what} ({str(error).strip()[:300]}); {_hint(site)}"
         ) from error
     return tensor
 
@@ -197,7 +222,7 @@ def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
     except RuntimeError as error:
         raise SyncBatchNormError(
             f"{site.describe(phase)}: the debug fingerprint exchange failed or timed out "
-            f"({str(error).strip()[:300]}); {_HINT}"
+            f"({str(error).strip()[:300]}); {_hint(site)}"
         ) from error
     rows = torch.stack(table).cpu()
     differing = [name for j, name in enumerate(_FIELDS)
@@ -215,10 +240,31 @@ def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
 
 
 def reduce_forward(packed_moments: Tensor, process_group: ProcessGroup, site: CallSite) -> Tensor:
-    """Sum the packed local moments ``[Σx, Σx², count]`` (float64, ``2C + 1``) over the group."""
+    """Sum the packed local moments ``[Σx, Σx², count]`` (float64, ``2C + 1``) over the group.
+
+    One more value travels: the :func:`step_key` of (layer, call). If every rank
+    is at the same layer and call, the keys sum to ``W·key``; otherwise the
+    buffers of different layers (or steps) were paired and the statistics are
+    garbage. On CPU every rank checks this (reading the sum costs nothing) and
+    raises; on accelerators reading it would stall the stream, so the check runs
+    in debug mode only (whose fingerprint exchange names the ranks).
+    """
     if site.debug:
         check_fingerprint(site, "forward", process_group, packed_moments.device)
-    return _all_reduce_sum(packed_moments, process_group, site, "forward")
+    key = step_key(site)
+    buffer = torch.cat([packed_moments, packed_moments.new_full((1,), float(key))])
+    buffer = _all_reduce_sum(buffer, process_group, site, "forward")  # 2C + 2 float64
+    if buffer.device.type == "cpu":
+        size = group_size(process_group)
+        total = int(buffer[-1].item())
+        if total != size * key:
+            raise SyncBatchNormError(
+                f"{site.describe('forward')}: the ranks are out of step: this rank's "
+                f"all_reduce was paired with another layer or call on some rank (step keys "
+                f"sum to {total}, not {size}×{key}), so these statistics are wrong; "
+                f"{_hint(site)}"
+            )
+    return buffer[:-1]
 
 
 def reduce_backward(grad_sums: Tensor, process_group: ProcessGroup, site: CallSite) -> Tensor:

@@ -120,9 +120,15 @@ def batch_norm_train(
     the fallback applies), since ``F.batch_norm`` has no such mode.
     """
     group = _comm.resolve_group(process_group)
-    if is_recomputing():
-        running_mean = running_var = None
     fallback = local_fallback_applies(group)
+    if is_recomputing():
+        if fallback and inplace_activation is None:
+            # throwaway copies: F.batch_norm must save the same tensors as in the first
+            # forward (a non-reentrant checkpoint checks that), without a second update
+            running_mean = None if running_mean is None else running_mean.clone()
+            running_var = None if running_var is None else running_var.clone()
+        else:
+            running_mean = running_var = None
     if fallback and inplace_activation is None:
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
     if fallback:

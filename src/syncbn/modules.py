@@ -29,7 +29,7 @@ class SyncBatchNorm(_BatchNorm):
     variance, ``momentum=None`` giving the cumulative average. In eval the running
     statistics normalize without any communication. Unlike torch's layer it trains
     on CPU (gloo) as well as on accelerators, with uneven and empty per-rank
-    batches, using one all-reduce of ``2C + 1`` values forward and one of ``2C``
+    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C``
     backward.
 
     Without an initialized process group, or with a group of one rank, it is
@@ -128,6 +128,8 @@ class SyncBatchNorm(_BatchNorm):
         _checks.check_channels(input, self.num_features)
         self._syncbn_input_ndim = input.dim()
 
+        if self.training:  # refuse before anything is counted
+            self._check_group()
         factor = 0.0 if self.momentum is None else self.momentum
         tracked_steps = self.num_batches_tracked
         counting = self.training and self.track_running_stats and not is_recomputing()
@@ -137,12 +139,6 @@ class SyncBatchNorm(_BatchNorm):
                 factor = 1.0 / float(tracked_steps.item())
         if not self.training:
             return self._forward_eval(input, factor)
-        if self.process_group is None and getattr(self, "_syncbn_group_lost", False):
-            raise ValueError(
-                f"{self.layer_name} was unpickled, and its process group could not travel "
-                "with it (process groups belong to one process); set layer.process_group, "
-                "or call syncbn.convert_sync_batchnorm(model, process_group) again"
-            )
         tracked = self.track_running_stats
         site = call_site(input, self.layer_name, self._syncbn_calls, self.timeout, self.debug)
         self._syncbn_calls += 1
@@ -152,6 +148,17 @@ class SyncBatchNorm(_BatchNorm):
             inplace_activation=self.activation if self.inplace else None,
         )
         return out if self.inplace else self.activation.apply(out)
+
+    def _check_group(self) -> None:
+        """The layer's group must be usable; errors name the layer."""
+        if self.process_group is None and getattr(self, "_syncbn_group_lost", False):
+            raise ValueError(
+                f"{_comm.layer_label(self.layer_name)} was unpickled, and its process group could "
+                "not travel with it (process groups belong to one process); set "
+                "layer.process_group (torch.distributed.group.WORLD for the default group), "
+                "or call syncbn.convert_sync_batchnorm(model, process_group) again"
+            )
+        _comm.resolve_group(self.process_group, who=_comm.layer_label(self.layer_name))
 
     def _forward_eval(self, input: Tensor, factor: float) -> Tensor:
         """Eval never communicates (as torch): running statistics, or this rank's own
