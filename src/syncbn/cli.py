@@ -124,11 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters", type=int, default=20,
         help="timed forward+backward iterations per layer; 0 skips timing (default: 20)",
     )
+    # listed for --help; its own options are parsed by syncbn._bench (see main)
+    commands.add_parser(
+        "bench", add_help=False,
+        help="benchmark syncbn against local BatchNorm and a naive SyncBN (JSON); "
+             "'syncbn bench --help' for its options",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``syncbn`` command line; return the exit code (see the module doc)."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["bench"]:
+        from . import _bench
+
+        return _bench.main(args_list[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -1,0 +1,230 @@
+"""The benchmark's code path (never its timings) and the memory saved for backward by the core."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from syncbn import _bench
+from syncbn.functional import synchronized_batch_norm
+
+TINY_SHAPES = ("4x8x5x5", "4x8x5x5:cl", "16x12")
+DTYPES = ("float32", "bfloat16")
+
+
+# --- the --quick code path end to end, on tiny shapes ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("bench") / "result.json"
+    code = _bench.main([
+        "--quick", "--shapes", *TINY_SHAPES, "--dtypes", *DTYPES, "--world-sizes", "2",
+        "--rounds", "2", "--per-round", "2", "--warmup", "1", "--profile-iters", "2",
+        "--timeout", "60", "--out", str(out),
+    ])
+    assert code == _bench.EXIT_OK
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_result_carries_the_environment(quick_result: dict[str, Any]) -> None:
+    assert quick_result["schema"] == _bench.SCHEMA
+    env = quick_result["environment"]
+    for field in ("torch", "syncbn", "python", "platform", "backend", "device", "cpu_count",
+                  "threads_per_rank", "world_sizes", "timestamp"):
+        assert field in env, field
+    assert env["torch"] == torch.__version__
+    assert env["backend"] == "gloo" and env["device"] == "cpu"
+    assert env["world_sizes"] == [2] and env["cpu_count"] >= 1
+    assert quick_result["config"]["quick"] is True
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_every_case_has_medians_and_ratios(quick_result: dict[str, Any]) -> None:
+    (run,) = quick_result["runs"]
+    assert run["world_size"] == 2
+    assert run["iterations"]["samples"] == 4
+    cases = {(c["label"], c["dtype"]) for c in run["cases"]}
+    assert cases == {(s, d) for s in TINY_SHAPES for d in DTYPES}
+    for case in run["cases"]:
+        for variant in _bench.VARIANTS:
+            times = case["times"][variant]
+            assert times["samples"] == 4
+            assert 0 < times["p10_ms"] <= times["median_ms"] <= times["p90_ms"]
+            assert times["median_max_over_ranks_ms"] > 0
+        ratios = case["ratios"]
+        assert ratios["syncbn/local"] == pytest.approx(
+            case["times"]["syncbn"]["median_ms"] / case["times"]["local"]["median_ms"])
+        assert ratios["syncbn/naive"] == pytest.approx(
+            case["times"]["syncbn"]["median_ms"] / case["times"]["naive"]["median_ms"])
+        assert case["profile_ms"]["fwd_all_reduce"] > 0  # the W = 2 profile ran
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_syncbn_communicates_twice_within_the_byte_budget(quick_result: dict[str, Any]) -> None:
+    for case in quick_result["runs"][0]["cases"]:
+        channels = case["channels"]
+        comm = case["comm"]["syncbn"]
+        assert (comm["forward_collectives"], comm["backward_collectives"]) == (1, 1), case["label"]
+        assert comm["collectives"] == 2
+        assert comm["bytes"] == comm["forward_bytes"] + comm["backward_bytes"]
+        assert 8 * (4 * channels) <= comm["bytes"] <= case["comm"]["bytes_limit"]
+        assert case["comm"]["bytes_limit"] == 8 * (4 * channels + 2)
+        assert case["comm"]["local"]["collectives"] == 0
+        assert case["comm"]["naive"]["collectives"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_memory_and_targets_are_recorded(quick_result: dict[str, Any]) -> None:
+    for case in quick_result["runs"][0]["cases"]:
+        memory = case["memory"]["syncbn"]
+        assert memory["input_saved"] == 1
+        assert memory["saved_bytes"] <= memory["input_bytes"] + case["memory"]["allowance_bytes"]
+        if case["dtype"] == "bfloat16":  # the naive layer keeps a float32 copy of the input
+            assert case["memory"]["naive"]["allocated_bytes"] >= 2 * memory["input_bytes"]
+    names = [t["target"] for t in quick_result["targets"]]
+    assert any(n.startswith("syncbn/naive <= 0.6") for n in names)
+    assert all(t["met"] for t in quick_result["targets"] if t["target"].startswith("2 collectives"))
+
+
+# --- memory saved for backward by the core (single process, same autograd Function) ---------
+
+
+def _core(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    channels = x.size(1)
+    return synchronized_batch_norm(
+        x, torch.zeros(channels), torch.ones(channels), weight, bias, eps=1e-5, decay=0.9,
+        unbiased_var=True, process_group=None, single_value="raise",
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize(("shape", "channels_last"), [
+    ((8, 16, 7, 7), False), ((8, 16, 7, 7), True), ((32, 64), False), ((4, 3, 5), False),
+    ((2, 4, 3, 3, 3), False),
+], ids=["nchw", "nhwc", "nc", "ncl", "ncdhw"])
+def test_core_saves_only_the_input_and_o_of_c(
+    shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype
+) -> None:
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dtype).requires_grad_()
+    channels = shape[1]
+    weight = torch.rand(channels, requires_grad=True)
+    bias = torch.rand(channels, requires_grad=True)
+    saved = _bench.saved_for_backward(lambda: _core(x, weight, bias), x, (weight, bias))
+    assert saved["input_saved"] == 1  # the input itself, not a copy
+    assert saved["input_bytes"] == x.numel() * x.element_size()
+    allowance = _bench.MEMORY_BYTES_PER_CHANNEL * channels + _bench.MEMORY_BYTES_FIXED
+    assert saved["saved_bytes"] <= saved["input_bytes"] + allowance
+    assert saved["allocated_bytes"] <= allowance
+
+
+def test_saved_bytes_meter_sees_copies() -> None:
+    x = torch.randn(64, 8, requires_grad=True)
+    saved = _bench.saved_for_backward(lambda: x.double().exp(), x)  # exp saves its float64 result
+    assert saved["input_saved"] == 0
+    assert saved["allocated_bytes"] == saved["saved_bytes"] == 64 * 8 * 8
+    assert saved["beyond_input_bytes"] == 64 * 8 * 8
+
+
+# --- the pieces in one process --------------------------------------------------------------
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[None]:
+    """An initialized gloo group with a single rank, in this process."""
+    fd, path = tempfile.mkstemp(prefix="syncbn-bench-rdzv-")
+    os.close(fd)
+    os.unlink(path)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        Path(path).unlink(missing_ok=True)
+
+
+def test_collective_counter_records_calls_and_bytes(world_of_one: None) -> None:
+    original = dist.all_reduce
+    with _bench.count_collectives() as calls:
+        dist.all_reduce(torch.ones(5, dtype=torch.float64))
+        dist.all_reduce(tensor=torch.ones(3))
+    assert calls == [("all_reduce", 40), ("all_reduce", 12)]
+    assert dist.all_reduce is original
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (10, 5)], ids=["nchw", "nc"])
+def test_naive_baseline_is_batch_norm(world_of_one: None, shape: tuple[int, ...]) -> None:
+    """With one rank the naive baseline must compute plain BN (the comparison is fair)."""
+    channels = shape[1]
+    layer = _bench.NaiveSyncBatchNorm(channels, dist.group.WORLD).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-1, 1)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    dy = torch.randn(shape, dtype=torch.float64)
+    weight_ref = layer.weight.detach().clone().requires_grad_()
+    running_mean = torch.zeros(channels, dtype=torch.float64)
+    running_var = torch.ones(channels, dtype=torch.float64)
+    y = layer(x)
+    y_ref = F.batch_norm(x_ref, running_mean, running_var, weight_ref, layer.bias.detach(),
+                         True, 0.1, 1e-5)
+    torch.testing.assert_close(y, y_ref)
+    (dx, dw), (dx_ref, dw_ref) = (torch.autograd.grad(y, (x, layer.weight), dy),
+                                  torch.autograd.grad(y_ref, (x_ref, weight_ref), dy))
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(dw, dw_ref)
+    torch.testing.assert_close(layer.running_mean, running_mean)
+    torch.testing.assert_close(layer.running_var, running_var)
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+def test_parse_shape() -> None:
+    assert _bench.parse_shape("8x64x56x56") == _bench.ShapeSpec((8, 64, 56, 56), False)
+    assert _bench.parse_shape("8x64x56x56:cl").channels_last
+    assert _bench.parse_shape("256x1024").channels == 1024
+
+
+@pytest.mark.parametrize("text", ["8", "8x0x3", "8x64x5x5x5", "axb", "8x64:nhwc"])
+def test_parse_shape_rejects(text: str) -> None:
+    with pytest.raises(_bench.UsageError, match="--shapes expects sizes like 8x64x56x56"):
+        _bench.parse_shape(text)
+
+
+def test_channels_last_needs_4d() -> None:
+    with pytest.raises(_bench.UsageError, match=r"channels_last\) needs a 4-d shape"):
+        _bench.parse_shape("8x64:cl")
+
+
+def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _bench.main(["--world-sizes", "1"]) == _bench.EXIT_USAGE
+    assert "--world-sizes must be at least 2, got 1" in capsys.readouterr().err
+    assert _bench.main(["--shapes", "3"]) == _bench.EXIT_USAGE
+
+
+def test_percentile_matches_torch() -> None:
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0]
+    for q in (0.1, 0.5, 0.9):
+        expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
+        assert _bench.percentile(values, q) == pytest.approx(expected)
