@@ -152,8 +152,19 @@ def test_channels_last_takes_torch_kernel_and_agrees() -> None:
     x = x.contiguous(memory_format=torch.channels_last)
     assert _stats.torch_stats_kernel_applies(x)
     assert not _stats.torch_stats_kernel_applies(x.contiguous())
-    assert not _stats.torch_stats_kernel_applies(x.to(torch.bfloat16))
+    assert not _stats.torch_stats_kernel_applies(x.view(4, 3, 30))
+    assert _stats.torch_stats_kernel_applies(x.contiguous().to(torch.bfloat16))
     merged = _stats.merge_global_moments(_stats.pack_local_moments(_stats.local_moments(x)))
     var, mean = torch.var_mean(x.double(), dim=[0, 2, 3], unbiased=False)
     torch.testing.assert_close(merged.mean, mean, rtol=1e-6, atol=0.0)
     assert ((merged.var - var) / var).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_input_statistics_from_torch_kernel_are_float32(dtype: torch.dtype) -> None:
+    x = (torch.randn(6, 3, 4, 5, dtype=torch.float64) * 3 + 10).to(dtype)
+    moments = _stats.local_moments(x)
+    assert moments.centre.dtype == torch.float32 and moments.m2.dtype == torch.float32
+    var, mean = torch.var_mean(x.double(), dim=[0, 2, 3], unbiased=False)
+    torch.testing.assert_close(moments.centre.double(), mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(moments.m2.double() / 120, var, rtol=1e-5, atol=1e-6)

@@ -85,6 +85,19 @@ def affine_map(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)
 
 
+def input_grad(x: Tensor, dz: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """``a·dz + b·x + c`` per channel, in ``x``'s dtype and memory format.
+
+    One affine pass over ``x`` plus a fused multiply-add of ``dz``; for 16-bit
+    inputs the mixed-dtype multiply-add is torch's slow path (2.3–8.5 ms against
+    1.3 ms on (8, 64, 56, 56) bfloat16), so ``a·dz`` is a second affine pass.
+    """
+    out = affine_map(x, b, c)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return out.add_(affine_map(dz, a, torch.zeros_like(a)))
+    return out.addcmul_(dz, _stats.channel_view(a, x.dim()))
+
+
 def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _stats.GradSums:
     """``Σdy`` and ``Σdy·x̂`` over this rank's shard, from torch's backward reduction kernel."""
     if x.numel() == 0:
@@ -241,5 +254,5 @@ class SyncBatchNormFunction(torch.autograd.Function):
             else:
                 a, b, c = _stats.input_grad_coefficients_from_output(
                     global_sums, count, inv_std, weight, bias)
-            grad_input = affine_map(x, b, c).addcmul_(dz, _stats.channel_view(a, x.dim()))
+            grad_input = input_grad(x, dz, a, b, c)
         return (grad_input, grad_weight, grad_bias, *nones)
