@@ -118,9 +118,10 @@ def pack_local_moments(moments: LocalMoments) -> Tensor:
     terms are formed in float64, so the later cancellation in
     :func:`merge_global_moments` loses only ε₆₄·(μ/σ)² relative.
     """
-    total = moments.total.double()
-    centre = moments.centre.double()
-    sum_sq = moments.m2.double() + centre * (2.0 * total - moments.count * centre)
+    total, centre, m2 = torch.stack([moments.total, moments.centre, moments.m2]).double()
+    # c·(2·Σx − count·c) = 2c·(Σx − (count/2)·c)
+    sum_sq = torch.addcmul(m2, centre, torch.add(total, centre, alpha=-moments.count / 2),
+                           value=2.0)
     count = total.new_full((1,), float(moments.count))
     return torch.cat([total, sum_sq, count])  # C, C, 1 -> (2C + 1)
 
@@ -149,10 +150,9 @@ def merge_global_moments(packed: Tensor) -> GlobalMoments:
     With ``N = 0`` (every rank empty) the result is mean 0, var 0, never NaN.
     """
     channels = (packed.numel() - 1) // 2
-    total, sum_sq, count = packed[:channels], packed[channels:-1], packed[-1:]
-    safe_count = count.clamp_min(1.0)
-    mean = total / safe_count
-    var = (sum_sq / safe_count - mean * mean).clamp_min_(0.0)
+    count = packed[-1:].clone()  # not a view: the buffer need not outlive this step
+    mean, mean_sq = (packed[:-1] / count.clamp_min(1.0)).view(2, channels)
+    var = torch.addcmul(mean_sq, mean, mean, value=-1.0).clamp_min_(0.0)
     return GlobalMoments(count, mean, var)
 
 
@@ -176,16 +176,18 @@ def update_running_stats(
     rank, so every rank ends with bitwise identical buffers. A step whose global
     batch is empty leaves the buffers untouched.
     """
-    has_data = stats.count > 0
-    if running_mean is not None:
-        new_mean = decay * running_mean.double() + (1.0 - decay) * stats.mean
-        running_mean.copy_(torch.where(has_data, new_mean, running_mean.double()))
-    if running_var is not None:
-        batch_var = stats.var
-        if unbiased_var:
-            batch_var = batch_var * stats.count / (stats.count - 1.0).clamp_min(1.0)
-        new_var = decay * running_var.double() + (1.0 - decay) * batch_var
-        running_var.copy_(torch.where(has_data, new_var, running_var.double()))
+    batch_var = stats.var
+    if unbiased_var and running_var is not None:
+        batch_var = batch_var * (stats.count / (stats.count - 1.0).clamp_min(1.0))
+    pairs = [(r, b) for r, b in ((running_mean, stats.mean), (running_var, batch_var))
+             if r is not None]
+    if not pairs:
+        return
+    old = torch.stack([r for r, _ in pairs]).double()
+    new = torch.stack([b for _, b in pairs])
+    blended = torch.where(stats.count > 0, old * decay + new * (1.0 - decay), old)
+    for (running, _), value in zip(pairs, blended, strict=True):
+        running.copy_(value)
 
 
 @dataclass(frozen=True)
