@@ -49,7 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _autograd, _launch, _stats
+from . import _autograd, _comm, _launch, _stats
+from .functional import call_site
 from .modules import SyncBatchNorm
 
 __all__ = ["BenchConfig", "ShapeSpec", "main", "parse_shape", "run_bench"]
@@ -416,48 +417,74 @@ def _timed(fn: Callable[[], object], iters: int, group: Any,
 
 def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
                     group: Any) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """The core's steps timed one by one (same calls as the autograd Function), and torch's BN.
+    """The core's steps timed one by one, and torch's training BN kernels beside them.
 
-    ``fwd_*`` and ``bwd_*`` add up to syncbn's step minus Python/autograd overhead;
-    ``torch_fwd``/``torch_bwd`` are torch's training batch-norm kernels (the floor).
-    Returns wall and CPU milliseconds per call, by piece.
+    Each piece calls the functions :class:`syncbn._autograd.SyncBatchNormFunction`
+    calls, in its order, on the same kind of arguments, so the profile follows the
+    layer's real code path (16-bit inputs included):
+
+    - ``fwd_local_moments``: :func:`_stats.local_moments` (torch's statistics kernel
+      with float32 scratch buffers where :func:`_stats.torch_stats_kernel_applies`,
+      else two reductions) and :func:`_stats.pack_local_moments`;
+    - ``fwd_all_reduce``: :func:`_comm.reduce_forward` (``2C + 2`` float64 values:
+      the moments and the step key, whose sum is read back and checked on CPU);
+    - ``fwd_merge_stats``: :func:`_stats.merge_global_moments`, the running-statistics
+      update (:func:`_stats.update_running_stats`, on scratch buffers), ``μ`` and
+      ``invstd`` in the accumulation dtype;
+    - ``fwd_normalize``: :func:`_autograd.normalize` (torch's inference BN kernel);
+    - ``bwd_grad_sums``: :func:`_autograd.local_grad_sums` (torch's backward
+      reduction kernel) and the float64 packing of ``[Σdy, Σdy·x̂]``;
+    - ``bwd_all_reduce``: :func:`_comm.reduce_backward` (``2C`` float64 values);
+    - ``bwd_dx``: :func:`_stats.input_grad_coefficients` and :func:`_autograd.input_grad`
+      (one affine pass plus a multiply-add in float32/float64, two affine passes for
+      16-bit inputs).
+
+    ``fwd_*`` and ``bwd_*`` add up to syncbn's step minus the module's and autograd's
+    Python overhead; ``torch_fwd``/``torch_bwd`` are torch's training batch-norm
+    kernels (the floor). Returns wall and CPU milliseconds per call, by piece.
     """
     xd = x.detach()
     eps = layer.eps
     weight = layer.weight.detach()
     bias = layer.bias.detach()
+    site = call_site(xd, layer.layer_name, 0, layer.timeout, layer.debug)
     moments = _stats.local_moments(xd)
     packed = _stats.pack_local_moments(moments)
-    stats = _stats.merge_global_moments(packed)
+    reduced = _comm.reduce_forward(packed.clone(), group, site)
+    stats = _stats.merge_global_moments(reduced)
     acc = _stats.acc_dtype(xd.dtype)
     mean = stats.mean.to(acc)
     inv_std = _stats.invstd(stats.var, eps).to(acc)
     sums = _autograd.local_grad_sums(dy, xd, mean, inv_std)
     grad_packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat]).double()
+    scratch_mean = torch.zeros(layer.num_features)
+    scratch_var = torch.ones(layer.num_features)
 
     def fwd_local_moments() -> object:
         return _stats.pack_local_moments(_stats.local_moments(xd))
 
     def fwd_all_reduce() -> object:
-        return dist.all_reduce(packed.clone(), group=group)
+        return _comm.reduce_forward(packed.clone(), group, site)
 
     def fwd_merge_stats() -> object:
-        merged = _stats.merge_global_moments(packed)
-        return _stats.invstd(merged.var, eps).to(acc), merged.mean.to(acc)
+        merged = _stats.merge_global_moments(reduced)
+        _stats.update_running_stats(scratch_mean, scratch_var, merged, 0.9, True)
+        return merged.mean.to(acc), _stats.invstd(merged.var, eps).to(acc)
 
     def fwd_normalize() -> object:
         return _autograd.normalize(xd, mean, inv_std, weight, bias)
 
     def bwd_grad_sums() -> object:
-        return _autograd.local_grad_sums(dy, xd, mean, inv_std)
+        local = _autograd.local_grad_sums(dy, xd, mean, inv_std)
+        return torch.cat([local.sum_dy, local.sum_dy_xhat]).double()
 
     def bwd_all_reduce() -> object:
-        return dist.all_reduce(grad_packed.clone(), group=group)
+        return _comm.reduce_backward(grad_packed.clone(), group, site)
 
     def bwd_dx() -> object:
-        global_sums = _stats.GradSums(*grad_packed.to(acc).chunk(2))
+        global_sums = _stats.GradSums(*grad_packed.to(mean.dtype).chunk(2))
         a, b, c = _stats.input_grad_coefficients(global_sums, stats.count, mean, inv_std, weight)
-        return _autograd.affine_map(xd, b, c).addcmul_(dy, _stats.channel_view(a, xd.dim()))
+        return _autograd.input_grad(xd, dy, a, b, c)
 
     running_mean = torch.zeros(layer.num_features)
     running_var = torch.ones(layer.num_features)
