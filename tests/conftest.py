@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import harness
 
@@ -22,3 +26,18 @@ def _deterministic() -> Iterator[None]:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def world_of_one() -> Iterator[None]:
+    """An initialized gloo group with a single rank, in this process."""
+    fd, path = tempfile.mkstemp(prefix="syncbn-rdzv-")
+    os.close(fd)
+    os.unlink(path)  # the file store creates it
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        Path(path).unlink(missing_ok=True)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -146,20 +142,6 @@ def test_saved_bytes_meter_sees_copies() -> None:
 
 
 # --- the pieces in one process --------------------------------------------------------------
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    """An initialized gloo group with a single rank, in this process."""
-    fd, path = tempfile.mkstemp(prefix="syncbn-bench-rdzv-")
-    os.close(fd)
-    os.unlink(path)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        Path(path).unlink(missing_ok=True)
 
 
 def test_collective_counter_records_calls_and_bytes(world_of_one: None) -> None:

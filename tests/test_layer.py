@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,21 +29,6 @@ def no_collectives(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a collective was called")
 
     monkeypatch.setattr(dist, "all_reduce", refuse)
-
-
-@pytest.fixture
-def world_of_one() -> Iterator[None]:
-    """An initialized gloo group with a single rank, in this process."""
-    fd, path = tempfile.mkstemp()
-    os.close(fd)
-    os.unlink(path)
-    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-        if os.path.exists(path):
-            os.unlink(path)
 
 
 # --- the named fallback ----------------------------------------------------------------------
