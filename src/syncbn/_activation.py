@@ -5,12 +5,15 @@ With ``inplace=True`` the layer overwrites its input with ``y = f(z)``,
 et al., arXiv:1712.02616). Backward needs, from ``y`` alone:
 
 - ``dz = dy·f'(z)``, written through ``y``:  identity ``1``; leaky_relu ``1`` where
-  ``y ≥ 0`` else ``slope``; elu ``1`` where ``y > 0`` else ``y + α``;
-- ``z = f⁻¹(y)``:  identity ``y``; leaky_relu ``y`` or ``y/slope``; elu ``y`` or
-  ``log1p(y/α)``;
+  ``y > 0`` else ``slope``;
+- ``z = f⁻¹(y)``:  identity ``y``; leaky_relu ``y`` or ``y/slope``;
 - ``x̂ = (z − β)/w``, which needs ``w ≠ 0`` (checked at forward).
 
-So only invertible activations qualify: ``relu`` (slope 0) is refused in place.
+So only activations that are invertible *in floating point* qualify: ``relu``
+(slope 0) is refused in place, and so is ``elu``: it is invertible on paper
+(``z = log1p(y/α)``), but in floating point it saturates at ``y = −α`` (for
+``z ≲ −17`` in float32, much sooner in 16-bit), where ``z`` is lost and the
+gradient ``dx = a·dz + b·z + c`` would be wrong (NaN from ``log1p(−1)``).
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ class Activation:
         """Whether ``z`` can be recovered from ``f(z)`` (needed by ``inplace=True``)."""
         if self.name == "identity":
             return True
-        if self.name in ("leaky_relu", "elu"):
+        if self.name == "leaky_relu":
             return self.param > 0
-        return False
+        return False  # relu; elu saturates in floating point (see the module docstring)
 
     def apply(self, z: Tensor) -> Tensor:
         """``f(z)`` out of place, differentiable by autograd."""
@@ -85,17 +88,13 @@ class Activation:
         return z
 
     def inverse(self, y: Tensor) -> Tensor:
-        """``z = f⁻¹(y)`` (a new tensor)."""
+        """``z = f⁻¹(y)`` (a new tensor); only for :attr:`invertible` activations."""
         if self.name == "leaky_relu":
             return torch.where(y >= 0, y, y / self.param)
-        if self.name == "elu":
-            return torch.where(y > 0, y, torch.log1p(y / self.param))
         return y.clone()
 
     def grad_through(self, dy: Tensor, y: Tensor) -> Tensor:
         """``dz = dy·f'(z)`` expressed with the output ``y`` (a new tensor)."""
         if self.name == "leaky_relu":
             return torch.where(y > 0, dy, dy * self.param)  # as torch: slope at z = 0
-        if self.name == "elu":
-            return torch.where(y > 0, dy, dy * (y + self.param))
         return dy.clone()

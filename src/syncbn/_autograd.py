@@ -121,20 +121,26 @@ def inplace_blocker(x: Tensor, weight: Tensor | None, activation: Activation) ->
         return (
             f"inplace=True needs an invertible activation to recompute the normalized "
             f"values from the output, got {activation.name!r} (param {activation.param:g}); "
-            "use 'identity', 'leaky_relu' with a slope > 0 or 'elu' with alpha > 0, or "
-            "inplace=False"
+            "use 'identity' or 'leaky_relu' with a slope > 0 (elu saturates at -alpha, "
+            "where the input is lost), or inplace=False"
         )
     if x.requires_grad and x.is_leaf:
         return ("inplace=True would overwrite the input, but it is a leaf tensor that requires "
                 "grad; pass the output of another layer, or use inplace=False")
-    grad_fn = x.grad_fn
-    if grad_fn is not None:
+    storage = x.untyped_storage().data_ptr()
+    producers = [x.grad_fn]
+    base = x._base
+    if base is not None:  # a view: the op that made its base may have saved the base
+        producers.append(base.grad_fn)
+    for grad_fn in producers:
+        if grad_fn is None:
+            continue
         for name in dir(grad_fn):
             if not name.startswith("_saved_"):
                 continue
             saved = getattr(grad_fn, name, None)
             if isinstance(saved, Tensor) and saved.numel() > 0 and (
-                saved.data_ptr() == x.data_ptr()
+                saved.untyped_storage().data_ptr() == storage
             ):
                 return (
                     f"inplace=True would overwrite the input, but autograd still needs it "
@@ -185,7 +191,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         packed = _stats.pack_local_moments(moments)
         if process_group is not None:
             assert site is not None, "a group needs a CallSite"
-            packed = _comm.reduce_forward(packed, process_group, site)  # 2C + 1 (+ step key)
+            packed = _comm.reduce_forward(packed, process_group, site)  # 2C + 1, + step key
         stats = _stats.merge_global_moments(packed)
 
         ctx.process_group = process_group

@@ -35,17 +35,24 @@ class SyncBatchNorm(_BatchNorm):
     Without an initialized process group, or with a group of one rank, it is
     exactly ``torch.nn.BatchNorm{1,2,3}d`` (see ``functional.local_fallback_applies``).
 
-    Keyword-only extensions: ``activation`` ('identity', 'relu', 'leaky_relu'
-    with ``activation_param`` the slope, default 0.01, 'elu' with ``activation_param``
-    α, default 1) applied to the output; ``inplace=True`` (invertible activations
-    only) overwrites the input with the output and saves only the output for
-    backward, recomputing the normalized values from it (In-Place ABN,
-    arXiv:1712.02616): about half the activation memory of BatchNorm followed by
-    a separate activation, same results. ``timeout`` (seconds one collective may take before
-    a :class:`syncbn.SyncBatchNormError` naming this layer; default the
-    ``SYNCBN_TIMEOUT`` variable, else the group's own timeout) and ``debug``
-    (compare a fingerprint of layer, call count, channels and dtype across ranks
-    before every collective; default the ``SYNCBN_DEBUG`` variable).
+    Keyword-only extensions:
+
+    - ``activation`` ('identity', 'relu', 'leaky_relu' with ``activation_param``
+      the slope, default 0.01, 'elu' with ``activation_param`` α, default 1),
+      applied to the output;
+    - ``inplace=True`` (identity or leaky_relu, the activations invertible in
+      floating point): overwrite the input with the output and save only the
+      output for backward, recomputing the normalized values from it (In-Place
+      ABN, arXiv:1712.02616): about half the activation memory of BatchNorm
+      followed by a separate activation, same results;
+    - ``timeout``: seconds one collective may take before a
+      :class:`syncbn.SyncBatchNormError` naming this layer (default the
+      ``SYNCBN_TIMEOUT`` variable, else the group's own timeout);
+    - ``debug``: compare a fingerprint of layer, call count, channels and dtype
+      across ranks before every collective (default the ``SYNCBN_DEBUG`` variable);
+    - ``name``: how errors and the out-of-step checks tell this layer from
+      others; ``convert_sync_batchnorm`` names every layer by its path in the model.
+      Unnamed layers of equal size cannot be told apart by those checks.
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
@@ -106,7 +113,8 @@ class SyncBatchNorm(_BatchNorm):
                 f"inplace=True needs an invertible activation, got {activation!r} "
                 f"(param {self.activation.param:g}): the backward pass recomputes the "
                 "normalized values from the output; use 'identity', 'leaky_relu' "
-                "(slope > 0) or 'elu' (alpha > 0), or inplace=False"
+                "(slope > 0), or inplace=False ('elu' saturates at -alpha in floating point, "
+                "where the input cannot be recovered)"
             )
         self.inplace = bool(inplace)
         self.process_group = process_group

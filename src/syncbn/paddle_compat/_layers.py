@@ -295,7 +295,7 @@ class SyncBatchNorm(_BatchNormBase):
     In training, μ and σ² are taken over every value of the channel on every rank
     of ``process_group`` (default: the world), with any ``torch.distributed``
     backend, exactly for uneven and empty per-rank batches (one all-reduce of
-    ``2C + 1`` values forward, one of ``2C`` backward). Without an initialized
+    ``2C + 2`` values forward, one of ``2C`` backward). Without an initialized
     process group, or with a group of one rank, it normalizes with the local batch,
     which is the same thing. In eval the running statistics normalize and nothing
     is communicated. Any rank 2–5 with any of 'NC', 'NCL', 'NCHW', 'NCDHW' (C at
@@ -545,7 +545,7 @@ class BatchNorm(_BatchNormBase):
         """Normalize ``input`` as the table in the class docstring says, then apply ``act``.
 
         With ``in_place=True``, batch statistics and an ``act`` the core can invert
-        (None, 'leaky_relu', 'elu'), the activation is fused into the core's
+        (None, 'leaky_relu'), the activation is fused into the core's
         in-place activated mode: the input is overwritten and only the output is
         saved for backward. Where that mode cannot run (another ``act``, an input
         autograd still needs, a zero scale), the same result is computed out of

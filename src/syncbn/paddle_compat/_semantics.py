@@ -390,16 +390,15 @@ def batch_norm(
 def fused_activation(act: str | None) -> Activation | None:
     """The core activation for Paddle's ``act`` in the in-place mode, or ``None``.
 
-    Only the activations the core can invert fuse: ``None`` (identity),
-    ``'leaky_relu'`` (Paddle's operator slope, float32 0.02) and ``'elu'``
-    (α = 1). Every other ``act`` is applied after the layer, out of place.
+    Only the activations the core can invert in floating point fuse: ``None``
+    (identity) and ``'leaky_relu'`` (Paddle's operator slope, float32 0.02).
+    Every other ``act`` (``'elu'`` included: it saturates) is applied after the
+    layer, out of place.
     """
     if act is None:
         return Activation("identity")
     if act == "leaky_relu":
         return Activation("leaky_relu", LEAKY_RELU_SLOPE)
-    if act == "elu":
-        return Activation("elu", 1.0)
     return None
 
 
