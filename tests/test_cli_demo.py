@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -282,3 +283,9 @@ def test_non_finite_numbers_become_null() -> None:
     assert _demo._finite({"a": [1.0, float("nan")], "b": float("inf")}) == {
         "a": [1.0, None], "b": None,
     }
+
+
+def test_max_difference_does_not_hide_nan() -> None:
+    assert math.isnan(_demo._nan_max([0.1, math.nan]))
+    assert _demo._nan_max([0.1, 0.3]) == 0.3
+    assert _demo._nan_max([]) == 0.0

@@ -248,3 +248,58 @@ def test_module_is_a_batchnorm_with_torch_state() -> None:
 def test_device_and_dtype_arguments() -> None:
     module = syncbn.SyncBatchNorm(2, device="cpu", dtype=torch.float64)
     assert module.weight.dtype == torch.float64 and module.running_var.dtype == torch.float64
+
+
+# --- review fixes ----------------------------------------------------------------------------
+
+
+def test_convert_keeps_a_torch_syncbn_group(world_of_one: None) -> None:
+    group = dist.new_group([0])
+    layer = syncbn.convert_sync_batchnorm(nn.SyncBatchNorm(4, process_group=group))
+    assert layer.process_group is group
+    other = dist.new_group([0])
+    assert syncbn.convert_sync_batchnorm(nn.SyncBatchNorm(4, process_group=group),
+                                         other).process_group is other
+
+
+def test_revert_refuses_a_fused_activation() -> None:
+    with pytest.raises(ValueError, match=r"cannot express SyncBatchNorm\(3\)'s fused "
+                                         r"activation='relu'.*activation='identity'"):
+        syncbn.revert_sync_batchnorm(nn.Sequential(syncbn.SyncBatchNorm(3, activation="relu")))
+
+
+def test_eval_inplace_with_grad_enabled_stays_differentiable() -> None:
+    layer = syncbn.SyncBatchNorm(3, activation="leaky_relu", inplace=True).eval()
+    reference = nn.Sequential(nn.BatchNorm2d(3), nn.LeakyReLU(0.01)).eval()
+    x = torch.randn(4, 3, 5, 5)
+    y = layer(x.clone())  # grad mode on, weight requires grad: not overwritten in place
+    torch.testing.assert_close(y, reference(x))
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+def test_mixed_dtypes_are_refused_on_every_path() -> None:
+    layer = syncbn.SyncBatchNorm(3)
+    with pytest.raises(TypeError, match=r"torch.float64 input for a layer whose parameters and "
+                                        r"buffers are torch.float32.*input.to\(torch.float32\)"):
+        layer(torch.randn(4, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"torch.float64 input"):
+        sync_batch_norm(torch.randn(4, 3, dtype=torch.float64), torch.zeros(3), torch.ones(3),
+                        training=True)
+    assert layer(torch.randn(4, 3).to(torch.bfloat16)).dtype == torch.bfloat16  # 16-bit is fine
+
+
+def test_name_keyword_and_timeout_validation() -> None:
+    assert syncbn.SyncBatchNorm(3, name="head.bn").layer_name == "head.bn"
+    with pytest.raises(TypeError, match=r"timeout to be a number of seconds"):
+        syncbn.SyncBatchNorm(3, timeout=True)
+    with pytest.raises(ValueError, match=r"timeout > 0 seconds, got 0"):
+        syncbn.SyncBatchNorm(3, timeout=0)
+
+
+def test_refused_inplace_forward_counts_nothing() -> None:
+    layer = syncbn.SyncBatchNorm(3, activation="leaky_relu", inplace=True)
+    with pytest.raises(ValueError, match=r"leaf tensor that requires grad"):
+        layer(torch.randn(4, 3, requires_grad=True))
+    assert layer.num_batches_tracked.item() == 0
+    assert layer._syncbn_calls == 0

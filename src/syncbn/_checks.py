@@ -6,6 +6,7 @@ torch's exact text where torch rejects the same input.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 MIN_NDIM = 2
@@ -111,3 +112,37 @@ def check_eps(eps: object) -> None:
         raise TypeError(f"expected eps to be a float, got {eps!r}")
     if not float(eps) >= 0.0:
         raise ValueError(f"expected eps >= 0, got {eps}")
+
+
+def check_timeout(timeout: object) -> None:
+    """A collective timeout: a positive number of seconds, or ``None`` (the group's own)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(
+            f"SyncBatchNorm expected timeout to be a number of seconds or None (the group's "
+            f"own timeout), got {timeout!r}; pass e.g. timeout=30"
+        )
+    if not timeout > 0:
+        raise ValueError(
+            f"SyncBatchNorm expected timeout > 0 seconds, got {timeout}; pass e.g. timeout=30, "
+            "or None for the group's own timeout"
+        )
+
+
+def check_param_dtypes(input: Tensor, *params: Tensor | None) -> None:
+    """Parameters and buffers share the input's dtype, or are float32 for a 16-bit input.
+
+    torch's own kernels reject other mixes (e.g. a float64 input on a float32
+    layer); checking here keeps the synchronized path and the local fallback alike.
+    """
+    allowed = {input.dtype}
+    if input.dtype in (torch.float16, torch.bfloat16):
+        allowed.add(torch.float32)
+    for param in params:
+        if param is not None and param.dtype not in allowed:
+            raise TypeError(
+                f"SyncBatchNorm got a {input.dtype} input for a layer whose parameters and "
+                f"buffers are {param.dtype}; convert one to the other, e.g. input.to("
+                f"{param.dtype}) or layer.to({input.dtype})"
+            )

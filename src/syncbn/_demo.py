@@ -346,17 +346,19 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def _max_diffs(model: nn.Module, reference: nn.Module) -> tuple[float, float]:
     """Max |difference| of the parameters, and of the float buffers (running stats)."""
     params = dict(reference.named_parameters())
-    param_diff = max(float((p - params[name]).abs().max()) for name, p in model.named_parameters())
+    param_diffs = [float((p - params[name]).abs().max()) for name, p in model.named_parameters()]
     buffers = dict(reference.named_buffers())
-    buffer_diff = max(
-        (
-            float((b - buffers[name]).abs().max())
-            for name, b in model.named_buffers()
-            if b.is_floating_point()
-        ),
-        default=0.0,
-    )
-    return param_diff, buffer_diff
+    buffer_diffs = [float((b - buffers[name]).abs().max())
+                    for name, b in model.named_buffers() if b.is_floating_point()]
+    # NaN must win (Python's max() would skip it unless it comes first)
+    return _nan_max(param_diffs), _nan_max(buffer_diffs)
+
+
+def _nan_max(values: list[float]) -> float:
+    """``max(values)``, NaN if any is NaN, 0.0 for none."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values, default=0.0)
 
 
 def _ddp(module: nn.Module, env: DistEnv) -> DistributedDataParallel:

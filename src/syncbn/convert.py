@@ -79,9 +79,12 @@ def _convert(module: nn.Module, process_group: _comm.ProcessGroup | None, path: 
         )
     output = module
     if isinstance(module, _CONVERTIBLE):
+        # a torch.nn.SyncBatchNorm keeps its own group unless one is given
+        group = process_group if process_group is not None else getattr(
+            module, "process_group", None)
         layer = SyncBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, process_group, device="meta",
+            module.track_running_stats, group, device="meta",
         )
         _move_state(module, layer)
         layer._syncbn_source_cls = type(module)
@@ -114,6 +117,13 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
         raise TypeError(f"revert_sync_batchnorm expected an nn.Module, got {type(module).__name__}")
     output = module
     if isinstance(module, SyncBatchNorm):
+        if not module.activation.is_identity:
+            raise ValueError(
+                f"revert_sync_batchnorm cannot express {_comm.layer_label(module.layer_name)}'s "
+                f"fused activation={module.activation.name!r} with a BatchNorm layer; build the "
+                "model with activation='identity' and a separate activation module (e.g. "
+                "nn.LeakyReLU) to revert it"
+            )
         cls = _revert_class(module)
         try:
             output = cls(

@@ -86,6 +86,7 @@ def sync_batch_norm(
     for name, value in (("running_mean", running_mean), ("running_var", running_var),
                         ("weight", weight), ("bias", bias)):
         _checks.check_per_channel(name, value, channels)
+    _checks.check_param_dtypes(input, weight, running_mean)
 
     if not training:
         if running_mean is None or running_var is None:

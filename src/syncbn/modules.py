@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _checks, _comm, _stats
 from ._activation import Activation
-from ._autograd import is_recomputing, normalize_
+from ._autograd import check_inplace, is_recomputing, normalize_
 from .functional import batch_norm_train, call_site
 
 __all__ = ["SyncBatchNorm"]
@@ -91,6 +91,7 @@ class SyncBatchNorm(_BatchNorm):
         inplace: bool = False,
         timeout: float | None = None,
         debug: bool | None = None,
+        name: str | None = None,
     ) -> None:
         _checks.check_num_features(num_features)
         _checks.check_eps(eps)
@@ -102,11 +103,9 @@ class SyncBatchNorm(_BatchNorm):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
-        if timeout is not None and not (isinstance(timeout, (int, float)) and timeout > 0):
-            raise ValueError(
-                f"SyncBatchNorm expected timeout to be a positive number of seconds or None "
-                f"(the group's own timeout), got {timeout!r}"
-            )
+        _checks.check_timeout(timeout)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"SyncBatchNorm expected name to be a str or None, got {name!r}")
         self.activation = Activation.make(activation, activation_param)
         if inplace and not self.activation.invertible:
             raise ValueError(
@@ -122,7 +121,7 @@ class SyncBatchNorm(_BatchNorm):
         self.debug = debug
         self._syncbn_input_ndim = None
         self._syncbn_source_cls = None
-        self._syncbn_name = None
+        self._syncbn_name = name
         self._syncbn_calls = 0
         self._syncbn_group_lost = False
 
@@ -136,8 +135,11 @@ class SyncBatchNorm(_BatchNorm):
         _checks.check_channels(input, self.num_features)
         self._syncbn_input_ndim = input.dim()
 
+        _checks.check_param_dtypes(input, self.weight, self.running_mean)
         if self.training:  # refuse before anything is counted
             self._check_group()
+            if self.inplace:
+                check_inplace(input, self.weight, self.activation)
         factor = 0.0 if self.momentum is None else self.momentum
         tracked_steps = self.num_batches_tracked
         counting = self.training and self.track_running_stats and not is_recomputing()
@@ -172,9 +174,9 @@ class SyncBatchNorm(_BatchNorm):
         """Eval never communicates (as torch): running statistics, or this rank's own
         batch statistics when none are tracked."""
         no_buffers = self.running_mean is None and self.running_var is None
-        in_place = self.inplace and not no_buffers and not (
-            torch.is_grad_enabled() and input.requires_grad
-        )
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (input, self.weight, self.bias))
+        in_place = self.inplace and not no_buffers and not needs_grad
         if in_place:  # nothing to differentiate: overwrite the input
             assert self.running_mean is not None and self.running_var is not None
             inv_std = (self.running_var.to(_stats.acc_dtype(input.dtype)) + self.eps).rsqrt()
