@@ -8,6 +8,8 @@ dtype are untouched, and a round trip is lossless.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -62,10 +64,25 @@ def convert_sync_batchnorm(
             f"convert_sync_batchnorm expected an nn.Module, got {type(module).__name__}"
         )
     _check_group(process_group)
-    return _convert(module, process_group, "")
+    return replace_in_tree(module, lambda layer, path: _convert_one(layer, process_group, path))
 
 
-def _convert(module: nn.Module, process_group: _comm.ProcessGroup | None, path: str) -> nn.Module:
+def replace_in_tree(module: nn.Module, replace: Callable[[nn.Module, str], nn.Module],
+                    path: str = "") -> nn.Module:
+    """Walk ``module``'s tree depth first; ``replace(layer, path)`` returns its substitute.
+
+    The substitute (or the layer itself) is returned and takes the layer's
+    children, each walked the same way; ``path`` is the dotted name in the tree
+    (``""`` for the root). Both flavours' converters are this walk.
+    """
+    output = replace(module, path)
+    for name, child in module.named_children():
+        output.add_module(name, replace_in_tree(child, replace, f"{path}.{name}" if path else name))
+    return output
+
+
+def _convert_one(module: nn.Module, process_group: _comm.ProcessGroup | None,
+                 path: str) -> nn.Module:
     if isinstance(module, SyncBatchNorm):
         if process_group is not None:
             module.process_group = process_group
@@ -77,22 +94,19 @@ def _convert(module: nn.Module, process_group: _comm.ProcessGroup | None, path: 
             f"'{path or '<root>'}': its number of channels is not known yet; run one "
             "forward pass first"
         )
-    output = module
-    if isinstance(module, _CONVERTIBLE):
-        # a torch.nn.SyncBatchNorm keeps its own group unless one is given
-        group = process_group if process_group is not None else getattr(
-            module, "process_group", None)
-        layer = SyncBatchNorm(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, group, device="meta",
-        )
-        _move_state(module, layer)
-        layer._syncbn_source_cls = type(module)
-        layer._syncbn_name = path or None
-        output = layer
-    for name, child in module.named_children():
-        output.add_module(name, _convert(child, process_group, f"{path}.{name}" if path else name))
-    return output
+    if not isinstance(module, _CONVERTIBLE):
+        return module
+    # a torch.nn.SyncBatchNorm keeps its own group unless one is given
+    group = process_group if process_group is not None else getattr(
+        module, "process_group", None)
+    layer = SyncBatchNorm(
+        module.num_features, module.eps, module.momentum, module.affine,
+        module.track_running_stats, group, device="meta",
+    )
+    _move_state(module, layer)
+    layer._syncbn_source_cls = type(module)
+    layer._syncbn_name = path or None
+    return layer
 
 
 def _revert_class(layer: SyncBatchNorm) -> type[_BatchNorm]:
@@ -115,28 +129,25 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"revert_sync_batchnorm expected an nn.Module, got {type(module).__name__}")
-    output = module
-    if isinstance(module, SyncBatchNorm):
-        if not module.activation.is_identity:
-            raise ValueError(
-                f"revert_sync_batchnorm cannot express {_comm.layer_label(module.layer_name)}'s "
-                f"fused activation={module.activation.name!r} with a BatchNorm layer; build the "
-                "model with activation='identity' and a separate activation module (e.g. "
-                "nn.LeakyReLU) to revert it"
-            )
-        cls = _revert_class(module)
-        try:
-            output = cls(
-                module.num_features, module.eps, module.momentum, module.affine,
-                module.track_running_stats, device="meta",
-            )
-        except TypeError:  # a subclass with its own constructor: use its BatchNorm base
-            base = next(c for c in cls.__mro__ if c in _BY_NDIM.values())
-            output = base(
-                module.num_features, module.eps, module.momentum, module.affine,
-                module.track_running_stats, device="meta",
-            )
-        _move_state(module, output)
-    for name, child in module.named_children():
-        output.add_module(name, revert_sync_batchnorm(child))
-    return output
+    return replace_in_tree(module, lambda layer, _path: _revert_one(layer))
+
+
+def _revert_one(module: nn.Module) -> nn.Module:
+    if not isinstance(module, SyncBatchNorm):
+        return module
+    if not module.activation.is_identity:
+        raise ValueError(
+            f"revert_sync_batchnorm cannot express {_comm.layer_label(module.layer_name)}'s "
+            f"fused activation={module.activation.name!r} with a BatchNorm layer; build the "
+            "model with activation='identity' and a separate activation module (e.g. "
+            "nn.LeakyReLU) to revert it"
+        )
+    cls = _revert_class(module)
+    args = (module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats)
+    try:
+        output = cls(*args, device="meta")
+    except TypeError:  # a subclass with its own constructor: use its BatchNorm base
+        base = next(c for c in cls.__mro__ if c in _BY_NDIM.values())
+        output = base(*args, device="meta")
+    return _move_state(module, output)

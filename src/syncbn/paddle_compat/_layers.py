@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import _comm
 from .._activation import Activation
 from .._autograd import inplace_blocker
+from ..convert import replace_in_tree
 from ..functional import call_site, local_fallback_applies
 from . import _semantics
 from ._activations import get_activation
@@ -421,22 +422,20 @@ class SyncBatchNorm(_BatchNormBase):
             process_group, torch.distributed.ProcessGroup
         ):
             _comm.resolve_group(process_group)  # raises the error that fits
-        return cls._convert(layer, process_group, "")
+        return replace_in_tree(layer, lambda module, path: cls._convert_one(
+            module, process_group, path))
 
     @classmethod
-    def _convert(cls, layer: nn.Module, process_group: _comm.ProcessGroup | None,
-                 path: str) -> nn.Module:
+    def _convert_one(cls, layer: nn.Module, process_group: _comm.ProcessGroup | None,
+                     path: str) -> nn.Module:
         if isinstance(layer, SyncBatchNorm):
             if process_group is not None:
                 layer.process_group = process_group
             layer._syncbn_name = layer._syncbn_name or path or None
             return layer
-        output = cls._from_batchnorm(layer, process_group, path) if isinstance(
-            layer, _CONVERTIBLE) else layer
-        for child_name, child in layer.named_children():
-            output.add_module(child_name, cls._convert(
-                child, process_group, f"{path}.{child_name}" if path else child_name))
-        return output
+        if isinstance(layer, _CONVERTIBLE):
+            return cls._from_batchnorm(layer, process_group, path)
+        return layer
 
     @classmethod
     def _from_batchnorm(cls, source: _BatchNormBase, process_group: _comm.ProcessGroup | None,
