@@ -41,3 +41,19 @@ def world_of_one() -> Iterator[None]:
         if dist.is_initialized():
             dist.destroy_process_group()
         Path(path).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def fake_torchrun(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This process as rank 0 of a one-rank torchrun job; the group is gone afterwards."""
+    from syncbn import _launch
+
+    if dist.is_initialized():
+        pytest.skip("this process already has a process group")
+    for name, value in {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_launch.free_port()),
+    }.items():
+        monkeypatch.setenv(name, value)
+    yield
+    assert not dist.is_initialized(), "the command left its process group behind"

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import syncbn
 from cli_helpers import listening_port, run_syncbn
-from syncbn import _check, _launch
+from syncbn import _check
 from syncbn.cli import main
 
 N_CASES = len(_check.cases())
@@ -21,20 +19,6 @@ CASE_ROW = re.compile(r"^\(N,[\d,]+\) float(32|64) \S+\s+[\d,]+\s+(?:\S+\s+){8}(
 
 def _case_rows(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if CASE_ROW.match(line)]
-
-
-@pytest.fixture
-def fake_torchrun(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process as rank 0 of a one-rank torchrun job; the group is gone afterwards."""
-    if dist.is_initialized():
-        pytest.skip("this process already has a process group")
-    for name, value in {
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_launch.free_port()),
-    }.items():
-        monkeypatch.setenv(name, value)
-    yield
-    assert not dist.is_initialized(), "check left its process group behind"
 
 
 @pytest.mark.slow

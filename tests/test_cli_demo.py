@@ -7,16 +7,14 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import syncbn
 from cli_helpers import listening_port, png_size, run_syncbn
-from syncbn import _demo, _launch
+from syncbn import _demo
 from syncbn.cli import main
 
 DEMO_EXTRAS = ("sklearn", "matplotlib", "tqdm")
@@ -26,20 +24,6 @@ DEMO_EXTRAS = ("sklearn", "matplotlib", "tqdm")
 def demo_extras() -> None:
     for name in DEMO_EXTRAS:
         pytest.importorskip(name)
-
-
-@pytest.fixture
-def fake_torchrun(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """This process as rank 0 of a one-rank torchrun job; the group is gone afterwards."""
-    if dist.is_initialized():
-        pytest.skip("this process already has a process group")
-    for name, value in {
-        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_launch.free_port()),
-    }.items():
-        monkeypatch.setenv(name, value)
-    yield
-    assert not dist.is_initialized(), "the demo left its process group behind"
 
 
 # ---------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _launch
-from ._launch import DistEnv, UsageError
+from ._launch import DistEnv
 
 __all__ = ["TOLERANCE", "Case", "CheckConfig", "cases", "run_check", "shard_sizes"]
 
@@ -121,16 +121,7 @@ def run_check(config: CheckConfig) -> int:
     _launch.check_timeout(config.timeout_s)
     found = _launch.torchrun_env()
     if found is not None:
-        if config.nproc is not None and config.nproc != found.world_size:
-            raise UsageError(
-                f"--nproc {config.nproc} disagrees with torchrun's WORLD_SIZE={found.world_size}; "
-                "under torchrun the world size comes from torchrun, so leave --nproc out"
-            )
-        if config.port is not None:
-            raise UsageError(
-                "--port is for locally spawned ranks; under torchrun pass --master-port to "
-                "torchrun"
-            )
+        _launch.check_torchrun_options(config.nproc, config.port, found.world_size)
         _launch.check_device(config.device, None)
         _launch.check_backend(backend, config.device)
         created = not dist.is_initialized()  # a caller's own group stays

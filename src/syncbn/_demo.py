@@ -281,15 +281,7 @@ def run_demo(config: DemoConfig) -> int:
 
 def _run_torchrun(config: DemoConfig, found: _launch.TorchrunVars, backend: str) -> int:
     """This process is one of torchrun's ranks: check, join its group, train."""
-    if config.nproc is not None and config.nproc != found.world_size:
-        raise UsageError(
-            f"--nproc {config.nproc} disagrees with torchrun's WORLD_SIZE={found.world_size}; "
-            "under torchrun the world size comes from torchrun, so leave --nproc out"
-        )
-    if config.port is not None:
-        raise UsageError(
-            "--port is for locally spawned ranks; under torchrun pass --master-port to torchrun"
-        )
+    _launch.check_torchrun_options(config.nproc, config.port, found.world_size)
     _check_counts(config, found.world_size)
     _launch.check_device(config.device, None)
     _launch.check_backend(backend, config.device)

@@ -482,3 +482,20 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess], wait_s: floa
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def check_torchrun_options(nproc: int | None, port: int | None, world_size: int) -> None:
+    """Under torchrun, ``--nproc`` must agree with its world size and ``--port`` is unused.
+
+    Raises:
+        UsageError: with the fix.
+    """
+    if nproc is not None and nproc != world_size:
+        raise UsageError(
+            f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE={world_size}; "
+            "under torchrun the world size comes from torchrun, so leave --nproc out"
+        )
+    if port is not None:
+        raise UsageError(
+            "--port is for locally spawned ranks; under torchrun pass --master-port to torchrun"
+        )
