@@ -126,6 +126,26 @@ def run_syncbn(case: Case) -> dict[str, Any]:
         dtype=case.torch_dtype,
     )
     _load(module, case)
+    return {**train_then_eval(module, case, group_index, rows), "group": group_index,
+            "rows": rows}
+
+
+def oracle(case: Case, group_index: int) -> dict[str, Any]:
+    """Plain torch BatchNorm on the global batch of one group, same steps."""
+    cls: Callable[..., nn.Module] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d,
+                                     5: nn.BatchNorm3d}[case.ndim]
+    module = cls(case.channels, eps=case.eps, momentum=case.momentum, affine=case.affine,
+                 track_running_stats=case.track_running_stats, dtype=case.torch_dtype)
+    _load(module, case)
+    return train_then_eval(module, case, group_index, slice(None))
+
+
+def train_then_eval(module: nn.Module, case: Case, group_index: int,
+                    rows: slice) -> dict[str, Any]:
+    """``case.steps`` training steps on ``rows`` of the group's batches, then one eval step.
+
+    The same program for a rank's syncbn layer (its rows) and the oracle (all rows).
+    """
     steps = []
     for step in range(case.steps):
         x_all, dy_all = batch(case, group_index, step)
@@ -144,33 +164,6 @@ def run_syncbn(case: Case) -> dict[str, Any]:
     x_eval, _ = batch(case, group_index, case.steps)
     with torch.no_grad():
         y_eval = module(_layout(x_eval[rows], case))
-    return {"steps": steps, "eval": y_eval, "group": group_index, "rows": rows,
-            **_record(module)}
-
-
-def oracle(case: Case, group_index: int) -> dict[str, Any]:
-    """Plain torch BatchNorm on the global batch of one group, same steps."""
-    cls: Callable[..., nn.Module] = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d,
-                                     5: nn.BatchNorm3d}[case.ndim]
-    module = cls(case.channels, eps=case.eps, momentum=case.momentum, affine=case.affine,
-                 track_running_stats=case.track_running_stats, dtype=case.torch_dtype)
-    _load(module, case)
-    steps = []
-    for step in range(case.steps):
-        x_all, dy_all = batch(case, group_index, step)
-        x = _layout(x_all, case).requires_grad_()
-        y = module(x)
-        y.backward(_layout(dy_all, case))
-        steps.append({
-            "y": y.detach(), "dx": x.grad,
-            "dweight": None if module.weight is None else module.weight.grad.clone(),
-            "dbias": None if module.bias is None else module.bias.grad.clone(),
-        })
-        module.zero_grad()
-    module.eval()
-    x_eval, _ = batch(case, group_index, case.steps)
-    with torch.no_grad():
-        y_eval = module(_layout(x_eval, case))
     return {"steps": steps, "eval": y_eval, **_record(module)}
 
 
