@@ -49,6 +49,13 @@ def is_recomputing() -> bool:
     return task_id is not None and task_id() != -1
 
 
+def _scale_shift(inv_std: Tensor, weight: Tensor | None,
+                 bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``(w·invstd, β)`` in the accumulation dtype: the inference kernel's weight and bias."""
+    scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
+    return scale, None if bias is None else bias.to(inv_std.dtype)
+
+
 def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
               bias: Tensor | None) -> Tensor:
     """``w·(x − μ)·invstd + β`` with per-channel ``μ``, ``invstd`` in the accumulation dtype.
@@ -56,10 +63,9 @@ def normalize(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
     Runs torch's inference batch-norm kernel with ``var = 1``, ``eps = 0`` and the
     scale ``w·invstd``: it keeps the input's dtype and memory format.
     """
-    scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
-    shift = None if bias is None else bias.to(inv_std.dtype)
-    ones = torch.ones_like(inv_std)
-    return torch.batch_norm(x, scale, shift, mean, ones, False, 0.0, 0.0, False)
+    scale, shift = _scale_shift(inv_std, weight, bias)
+    return torch.batch_norm(x, scale, shift, mean, torch.ones_like(inv_std), False, 0.0, 0.0,
+                            False)
 
 
 def normalize_(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
@@ -68,8 +74,7 @@ def normalize_(x: Tensor, mean: Tensor, inv_std: Tensor, weight: Tensor | None,
 
     The kernel is elementwise, so its ``out=`` may alias the input.
     """
-    scale = inv_std if weight is None else weight.to(inv_std.dtype) * inv_std
-    shift = None if bias is None else bias.to(inv_std.dtype)
+    scale, shift = _scale_shift(inv_std, weight, bias)
     unused = inv_std.new_empty(0)
     torch.ops.aten.native_batch_norm.out(
         x, scale, shift, mean, torch.ones_like(inv_std), False, 0.0, 0.0,
@@ -166,7 +171,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     With ``activation`` set (the in-place mode), the input's storage receives
     ``y = f(w·x̂ + β)`` and only ``y`` is saved; backward recomputes ``z`` and
-    ``x̂`` from it (see :mod:`syncbn._activation`).
+    ``x̂`` from it (see :mod:`syncbn._activation`). The caller has checked that
+    mode with :func:`inplace_blocker` / :func:`check_inplace` (before counting
+    the step), so it is not checked again here.
     """
 
     @staticmethod
@@ -185,8 +192,6 @@ class SyncBatchNormFunction(torch.autograd.Function):
         single_value: SingleValuePolicy,
         inplace_activation: Activation | None,
     ) -> Tensor:
-        if inplace_activation is not None:
-            check_inplace(x, weight, inplace_activation)
         moments = _stats.local_moments(x)
         packed = _stats.pack_local_moments(moments)
         if process_group is not None:

@@ -86,6 +86,15 @@ def resolve_group(process_group: ProcessGroup | None,
     return process_group
 
 
+def check_group_arg(process_group: object) -> None:
+    """At construction: ``None`` or a ProcessGroup (it may be initialized later).
+
+    Anything else raises the error :func:`resolve_group` gives for it.
+    """
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        resolve_group(process_group)
+
+
 def group_size(process_group: ProcessGroup | None) -> int:
     """Number of ranks in the resolved group (1 without distributed)."""
     if process_group is None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -39,11 +38,6 @@ def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
     return target
 
 
-def _check_group(process_group: _comm.ProcessGroup | None) -> None:
-    if process_group is not None and not isinstance(process_group, torch.distributed.ProcessGroup):
-        _comm.resolve_group(process_group)  # raises the error that fits
-
-
 def convert_sync_batchnorm(
     module: nn.Module, process_group: _comm.ProcessGroup | None = None
 ) -> nn.Module:
@@ -63,7 +57,7 @@ def convert_sync_batchnorm(
         raise TypeError(
             f"convert_sync_batchnorm expected an nn.Module, got {type(module).__name__}"
         )
-    _check_group(process_group)
+    _comm.check_group_arg(process_group)
     return replace_in_tree(module, lambda layer, path: _convert_one(layer, process_group, path))
 
 

@@ -181,7 +181,8 @@ def synchronized_batch_norm(
     through the same code (no collective); a group needs a ``site`` (see
     :func:`call_site`) for its error messages. ``inplace_activation`` selects the
     in-place activated mode: the input is overwritten with ``f(BN(x))`` and only
-    that output is saved. Arguments are not validated here.
+    that output is saved; the caller checks it first (``_autograd.check_inplace``).
+    Arguments are not validated here.
     """
     # Function.apply is untyped in torch's stubs
     if process_group is not None and site is None:

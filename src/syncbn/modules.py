@@ -96,10 +96,7 @@ class SyncBatchNorm(_BatchNorm):
         _checks.check_num_features(num_features)
         _checks.check_eps(eps)
         _checks.check_momentum(momentum, allow_none=True)
-        if process_group is not None and not isinstance(
-            process_group, torch.distributed.ProcessGroup
-        ):
-            _comm.resolve_group(process_group)  # raises the error that fits
+        _comm.check_group_arg(process_group)
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )

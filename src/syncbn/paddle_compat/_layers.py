@@ -342,10 +342,7 @@ class SyncBatchNorm(_BatchNormBase):
                 "track_running_stats comes before name. Fix: pass name= by keyword."
             )
         _check_flag(track_running_stats, "SyncBatchNorm", "track_running_stats")
-        if process_group is not None and not isinstance(
-            process_group, torch.distributed.ProcessGroup
-        ):
-            _comm.resolve_group(process_group)  # raises the error that fits
+        _comm.check_group_arg(process_group)
         if timeout is not None and (isinstance(timeout, bool)
                                     or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise ValueError(
@@ -418,10 +415,7 @@ class SyncBatchNorm(_BatchNormBase):
                 f"SyncBatchNorm.convert_sync_batchnorm expected an nn.Module, got "
                 f"{type(layer).__name__}. Fix: pass the model (or layer) to convert."
             )
-        if process_group is not None and not isinstance(
-            process_group, torch.distributed.ProcessGroup
-        ):
-            _comm.resolve_group(process_group)  # raises the error that fits
+        _comm.check_group_arg(process_group)
         return replace_in_tree(layer, lambda module, path: cls._convert_one(
             module, process_group, path))
 
