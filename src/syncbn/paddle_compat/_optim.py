@@ -28,31 +28,18 @@ ones that set absolute rates (OneCycleLR, CyclicLR) need one rate per group.
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ._param_attr import L1Decay, L2Decay, named_param_attrs
+from ._param_attr import L1Decay, L2Decay, finite_non_negative, named_param_attrs
 
 __all__ = ["clippable_parameters", "l1_penalty", "optimizer_param_groups"]
 
 
 def _non_negative(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(
-            f"optimizer_param_groups: expected {what} to be a real number, got "
-            f"{type(value).__name__} ({value!r}). Fix: pass a float, e.g. {what}=0.1."
-        )
-    result = float(value)
-    if not (math.isfinite(result) and result >= 0):
-        raise ValueError(
-            f"optimizer_param_groups: expected a finite {what} >= 0, got {result!r}. "
-            f"Fix: pass e.g. {what}=0.1."
-        )
-    return result
+    return finite_non_negative(value, "optimizer_param_groups", what, f"{what}=0.1")
 
 
 def optimizer_param_groups(

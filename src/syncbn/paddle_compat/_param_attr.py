@@ -60,18 +60,28 @@ PARAM_ATTRS_ATTRIBUTE = "_paddle_param_attrs"
 """Name of the ``dict[str, ParamAttr]`` attribute that records attrs on a module."""
 
 
-def _coeff(value: object, owner: str) -> float:
+def finite_non_negative(value: object, who: str, name: str, example: str) -> float:
+    """``value`` as a float; it must be a finite real number >= 0.
+
+    Raises:
+        TypeError: not a real number (``bool`` included).
+        ValueError: negative, infinite or NaN. Both messages end with ``example``.
+    """
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(
-            f"{owner}: expected coeff to be a real number, got {type(value).__name__} "
-            f"({value!r}). Fix: pass a float, e.g. {owner}(1e-4)."
+            f"{who}: expected {name} to be a real number, got {type(value).__name__} "
+            f"({value!r}). Fix: pass a float, e.g. {example}."
         )
-    coeff = float(value)
-    if not (math.isfinite(coeff) and coeff >= 0):
+    result = float(value)
+    if not (math.isfinite(result) and result >= 0):
         raise ValueError(
-            f"{owner}: expected a finite coeff >= 0, got {coeff!r}. Fix: pass e.g. {owner}(1e-4)."
+            f"{who}: expected a finite {name} >= 0, got {result!r}. Fix: pass e.g. {example}."
         )
-    return coeff
+    return result
+
+
+def _coeff(value: object, owner: str) -> float:
+    return finite_non_negative(value, owner, "coeff", f"{owner}(1e-4)")
 
 
 @dataclass(frozen=True)
