@@ -18,10 +18,8 @@ import argparse
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from digits import accuracy, build_model, load_digits, setup_distributed
+from digits import accuracy, build_model, load_digits, rank_loader, setup_distributed
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
 
 import syncbn
 
@@ -47,11 +45,8 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
     # each rank takes its own slice of every epoch's shuffled training set
-    train_set = TensorDataset(x_train, y_train)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed,
-                                 drop_last=True)
-    loader = DataLoader(train_set, batch_size=args.batch_per_rank, sampler=sampler,
-                        drop_last=True)
+    loader, sampler = rank_loader(x_train, y_train, args.batch_per_rank, world_size, rank,
+                                  args.seed)
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
 
 def load_digits(seed: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -68,6 +70,19 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=120))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+Batches = tuple[Tensor, ...]
+
+
+def rank_loader(x: Tensor, y: Tensor, batch_per_rank: int, world_size: int, rank: int,
+                seed: int) -> tuple[DataLoader[Batches], DistributedSampler[Batches]]:
+    """This rank's slice of every epoch's shuffled training set (call set_epoch per epoch)."""
+    train_set = TensorDataset(x, y)
+    sampler: DistributedSampler[Batches] = DistributedSampler(
+        train_set, num_replicas=world_size, rank=rank, seed=seed, drop_last=True)
+    loader = DataLoader(train_set, batch_size=batch_per_rank, sampler=sampler, drop_last=True)
+    return loader, sampler
 
 
 @torch.no_grad()

@@ -18,11 +18,9 @@ import argparse
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from digits import accuracy, load_digits, setup_distributed
+from digits import accuracy, load_digits, rank_loader, setup_distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, TensorDataset
-from torch.utils.data.distributed import DistributedSampler
 
 from syncbn import paddle_compat as pnn
 
@@ -66,11 +64,8 @@ def main() -> None:
     groups = pnn.optimizer_param_groups(model.module, base_lr=args.lr)
     optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
 
-    train_set = TensorDataset(x_train, y_train)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed,
-                                 drop_last=True)
-    loader = DataLoader(train_set, batch_size=args.batch_per_rank, sampler=sampler,
-                        drop_last=True)
+    loader, sampler = rank_loader(x_train, y_train, args.batch_per_rank, world_size, rank,
+                                  args.seed)
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
         model.train()
