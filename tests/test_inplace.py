@@ -141,7 +141,7 @@ def test_inplace_refuses_zero_weight() -> None:
     layer = syncbn.SyncBatchNorm(3, inplace=True)
     with torch.no_grad():
         layer.weight[1] = 0.0
-    with pytest.raises(ValueError, match=r"some weight entries are 0"):
+    with pytest.raises(ValueError, match=r"channel 1 has weight 0, so x̂ is lost"):
         layer(torch.randn(4, 3, requires_grad=True) * 1.0)
 
 

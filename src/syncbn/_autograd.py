@@ -31,11 +31,12 @@ SingleValuePolicy = Literal["raise", "identity"]
 ``"raise"`` torch's error (Torch), ``"identity"`` return the input, stats untouched (Paddle)."""
 
 
-def single_value_error(count: int) -> ValueError:
-    """torch's error for a training batch with one value per channel."""
-    return ValueError(
-        f"Expected more than 1 value per channel when training, got input size {count}"
-    )
+single_value_error = _comm.single_value_error
+
+
+def _recomputing_now() -> bool:
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
 
 
 def is_recomputing() -> bool:
@@ -44,9 +45,56 @@ def is_recomputing() -> bool:
     ``torch.utils.checkpoint`` (reentrant or not) runs the forward again inside
     backward; the batch statistics must be recomputed (with their collective, on
     every rank alike) but the running statistics must not move a second time.
+    Compiled code is never a recompute here: inside ``torch.compile`` a
+    checkpoint's recompute is part of the backward graph, which does not re-run
+    the state updates (those are the custom ops below, applied once per step).
     """
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
+    if torch.compiler.is_compiling():
+        return False
+    return _recomputing_now()
+
+
+@torch.library.custom_op("syncbn::count_step_", mutates_args=("num_batches_tracked",))
+def count_step_(num_batches_tracked: Tensor) -> None:
+    """``num_batches_tracked += 1``, except inside a checkpoint's recompute (eager or compiled)."""
+    if not _recomputing_now():
+        num_batches_tracked.add_(1)
+
+
+@count_step_.register_fake
+def _(num_batches_tracked: Tensor) -> None:
+    return None
+
+
+@torch.library.custom_op("syncbn::update_running_stats_",
+                         mutates_args=("running_mean", "running_var"))
+def update_running_stats_(
+    running_mean: Tensor | None, running_var: Tensor | None,
+    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+    num_batches_tracked: Tensor | None,
+) -> None:
+    """The running statistics after a step; see ``_stats``.
+
+    ``running ← decay·running + (1 − decay)·batch`` (:func:`_stats.blend_running_stats`);
+    with ``num_batches_tracked`` given, ``decay = 1 − 1/num_batches_tracked`` (the
+    cumulative average of ``momentum=None``). A mutating custom op, so that it runs
+    once per step in eager and compiled code alike, and skips itself inside a
+    checkpoint's recompute.
+    """
+    if _recomputing_now():
+        return
+    keep: float | Tensor = decay
+    if num_batches_tracked is not None:
+        keep = 1.0 - 1.0 / num_batches_tracked.double().clamp_min(1.0)
+    stats = _stats.GlobalMoments(count, mean, var)
+    _stats.update_running_stats(running_mean, running_var, stats, keep, unbiased_var)
+
+
+@update_running_stats_.register_fake
+def _(running_mean: Tensor | None, running_var: Tensor | None,
+      mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+      num_batches_tracked: Tensor | None) -> None:
+    return None
 
 
 def _scale_shift(inv_std: Tensor, weight: Tensor | None,
@@ -90,14 +138,19 @@ def affine_map(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return torch.batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0, False)
 
 
-def input_grad(x: Tensor, dz: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """``a·dz + b·x + c`` per channel, in ``x``'s dtype and memory format.
+def input_grad(x: Tensor, dz: Tensor, a: Tensor, b: Tensor, c: Tensor,
+               mask: Tensor | None = None) -> Tensor:
+    """``a·dz + b·x + c`` per channel (``a·dz + m·(b·x + c)`` with a mask), in ``x``'s
+    dtype and memory format.
 
     One affine pass over ``x`` plus a fused multiply-add of ``dz``; for 16-bit
     inputs the mixed-dtype multiply-add is torch's slow path (2.3–8.5 ms against
-    1.3 ms on (8, 64, 56, 56) bfloat16), so ``a·dz`` is a second affine pass.
+    1.3 ms on (8, 64, 56, 56) bfloat16), so ``a·dz`` is a second affine pass. A
+    mask costs one more elementwise pass.
     """
     out = affine_map(x, b, c)
+    if mask is not None:
+        out = out.mul_(mask.unsqueeze(1))
     if x.dtype in (torch.float16, torch.bfloat16):
         return out.add_(affine_map(dz, a, torch.zeros_like(a)))
     return out.addcmul_(dz, _stats.channel_view(a, x.dim()))
@@ -114,13 +167,20 @@ def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _st
     return _stats.GradSums(sum_dy.to(mean.dtype), sum_dy_xhat.to(mean.dtype))
 
 
-def inplace_blocker(x: Tensor, weight: Tensor | None, activation: Activation) -> str | None:
+INPLACE_WEIGHT_FACTOR = 1000.0
+"""In-place mode: every channel needs ``|w| ≥ INPLACE_WEIGHT_FACTOR·ε·|β|`` (``ε`` the input
+dtype's machine epsilon), so x̂ = (z − β)/w, recovered from the stored output, is within
+~1e-3 of exact (its error is about ε·(|x̂| + |β|/|w|))."""
+
+
+def inplace_blocker(x: Tensor, activation: Activation) -> str | None:
     """Why the in-place mode cannot run on ``x`` (with the fix), or ``None`` when it can.
 
-    It needs an invertible activation, ``weight ≠ 0`` (to recover x̂ from the
-    output), and an input that autograd does not need: not a leaf that requires
-    grad, not saved by the op that produced it. (A *later* consumer of ``x`` that
-    saved it is caught by autograd's version counter at backward.)
+    It needs an invertible activation and an input that autograd does not need:
+    not a leaf that requires grad, not saved by the op that produced it (checked
+    in eager mode; compiled code functionalizes the overwrite, and a *later*
+    consumer of ``x`` that saved it is caught by autograd's version counter at
+    backward). The weights are checked by :func:`checked_inplace_weight`.
     """
     if not activation.invertible:
         return (
@@ -132,6 +192,8 @@ def inplace_blocker(x: Tensor, weight: Tensor | None, activation: Activation) ->
     if x.requires_grad and x.is_leaf:
         return ("inplace=True would overwrite the input, but it is a leaf tensor that requires "
                 "grad; pass the output of another layer, or use inplace=False")
+    if torch.compiler.is_compiling():
+        return None
     storage = x.untyped_storage().data_ptr()
     producers = [x.grad_fn]
     base = x._base
@@ -153,27 +215,152 @@ def inplace_blocker(x: Tensor, weight: Tensor | None, activation: Activation) ->
                     "after an op that does not save its output (e.g. a convolution), or use "
                     "inplace=False"
                 )
-    if weight is not None and bool((weight == 0).any()):
-        return ("inplace=True recovers x̂ = (y − bias)/weight, but some weight entries are 0; "
-                "use inplace=False for this layer (or keep its weight away from 0)")
     return None
 
 
-def check_inplace(x: Tensor, weight: Tensor | None, activation: Activation) -> None:
-    """Raise ``ValueError`` with :func:`inplace_blocker`'s reason, if any."""
-    reason = inplace_blocker(x, weight, activation)
+def _inplace_weight_bad(weight: Tensor, bias: Tensor | None, dtype: torch.dtype
+                        ) -> tuple[Tensor, Tensor, Tensor, float]:
+    eps = torch.finfo(dtype).eps
+    w = weight.detach().double().abs()
+    b = torch.zeros_like(w) if bias is None else bias.detach().double().abs()
+    return (w == 0) | (w < INPLACE_WEIGHT_FACTOR * eps * b), w, b, eps
+
+
+def inplace_weight_ok(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Whether every channel meets the in-place bound (a host read; for eager fallbacks)."""
+    if weight is None:
+        return True
+    return not bool(_inplace_weight_bad(weight, bias, x.dtype)[0].any())
+
+
+@torch.library.custom_op("syncbn::checked_inplace_weight", mutates_args=())
+def _checked_inplace_weight(weight: Tensor, bias: Tensor | None, dtype: str, layer: str
+                            ) -> Tensor:
+    """``weight`` (a copy) after checking the in-place mode's bound; raises ``ValueError``."""
+    bad, w, b, eps = _inplace_weight_bad(weight, bias, getattr(torch, dtype))
+    if bool(bad.any()):
+        channel = int(bad.nonzero()[0, 0])
+        if float(w[channel]) == 0:
+            raise ValueError(
+                f"{_comm.layer_label(layer)}: inplace=True recovers x̂ = (y − bias)/weight "
+                f"from the output, but channel {channel} has weight 0, so x̂ is lost; use "
+                "inplace=False for this layer (or keep its weight away from 0)"
+            )
+        raise ValueError(
+            f"{_comm.layer_label(layer)}: inplace=True recovers x̂ = (y − bias)/weight from the "
+            f"output, but channel {channel} has weight {float(weight[channel]):.3g} and bias "
+            f"{0.0 if bias is None else float(bias[channel]):.3g}: with {dtype} outputs x̂ "
+            f"would be off by about ε·|bias|/|weight| = "
+            f"{eps * float(b[channel]) / max(float(w[channel]), 1e-300):.2g} (the mode needs "
+            f"|weight| ≥ {INPLACE_WEIGHT_FACTOR:g}·ε·|bias| and weight ≠ 0, ε = {eps:.3g}); "
+            "use inplace=False for this layer, or a wider dtype"
+        )
+    return weight.clone()
+
+
+@_checked_inplace_weight.register_fake
+def _(weight: Tensor, bias: Tensor | None, dtype: str, layer: str) -> Tensor:
+    return torch.empty_like(weight)
+
+
+def _pass_grad_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    return None
+
+
+def _pass_grad(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+    return grad, None, None, None
+
+
+_checked_inplace_weight.register_autograd(_pass_grad, setup_context=_pass_grad_setup)
+
+
+def check_inplace(x: Tensor, weight: Tensor | None, bias: Tensor | None, activation: Activation,
+                  layer: str) -> Tensor | None:
+    """Raise ``ValueError`` with :func:`inplace_blocker`'s reason, if any; returns the weight
+    to use (checked against the bound of :data:`INPLACE_WEIGHT_FACTOR`, every step)."""
+    reason = inplace_blocker(x, activation)
     if reason is not None:
         raise ValueError(reason)
+    if weight is None:
+        return None
+    checked: Tensor = _checked_inplace_weight(weight, bias,
+                                              str(x.dtype).replace("torch.", ""), layer)
+    return checked
+
+
+def _unit_where(ident: Tensor | None, value: Tensor, unit: float) -> Tensor:
+    """``value``, or ``unit`` where the global batch has one value (Paddle's identity)."""
+    if ident is None:
+        return value
+    return torch.where(ident, torch.full_like(value, unit), value)
+
+
+def double_backward_error(layer: str) -> RuntimeError:
+    """Why a backward with ``create_graph=True`` through a synchronized layer is refused."""
+    return RuntimeError(
+        f"{_comm.layer_label(layer)}: double backward (create_graph=True, e.g. a gradient "
+        "penalty) through synchronized batch statistics is not supported: its backward "
+        "pass is not differentiable across ranks. Compute the penalty through a layer in "
+        "eval mode (running statistics), or use torch.nn.BatchNorm for that model"
+    )
+
+
+def global_moments(
+    x: Tensor,
+    mask: Tensor | None,
+    shift: Tensor | None,
+    group_name: str | None,
+    site: _comm.CallSite | None,
+    call: int,
+    single_value: SingleValuePolicy,
+) -> tuple[_stats.GlobalMoments, Tensor | None]:
+    """Statistics of the global batch (one collective), and Paddle's one-value flag.
+
+    Local moments about ``shift``, one all-reduce of ``2C + 2`` float64 values
+    when ``group_name`` is given (else this rank's statistics), then the merge.
+    Computed without autograd: the Function's backward differentiates through
+    μ and σ² analytically. The flag (``ident``, a bool tensor) is returned only
+    where the global count may be 1 and the policy is ``"identity"``.
+    """
+    with torch.no_grad():
+        moments = _stats.local_moments(x.detach(), mask)
+        packed = _stats.pack_local_moments(moments, shift)
+        # a global count of 1 is only possible where the local count is <= 1 (a host int)
+        few = mask is None and isinstance(moments.count, int) and moments.count <= 1
+        if group_name is not None:
+            assert site is not None, "a group needs a CallSite"
+            packed = _comm.all_reduce_checked(  # C, C, 1, key -> 2C + 2 float64
+                packed, group_name, site, "forward", call, x.shape,
+                single_value_check=few and single_value == "raise", shift=shift)
+        elif few and single_value == "raise" and moments.count == 1:
+            raise single_value_error(1)
+        stats = _stats.merge_global_moments(packed, shift)
+    ident = stats.count == 1 if few and single_value == "identity" else None
+    return stats, ident
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """Batch statistics of the whole group; exact gradients through them.
+    """Normalization with given global statistics; exact gradients through them.
+
+    The inputs ``mean``/``inv_std`` (accumulation dtype) and ``count`` come from
+    :func:`global_moments`; backward differentiates through them analytically
+    (see ``_stats.input_grad_coefficients``), with one collective of the
+    gradient sums when ``group_name`` is given.
 
     With ``activation`` set (the in-place mode), the input's storage receives
     ``y = f(w·x̂ + β)`` and only ``y`` is saved; backward recomputes ``z`` and
     ``x̂`` from it (see :mod:`syncbn._activation`). The caller has checked that
     mode with :func:`inplace_blocker` / :func:`check_inplace` (before counting
     the step), so it is not checked again here.
+
+    A ``mask`` (bool, the input's shape without dim 1) restricted the statistics
+    to its True positions; every position is normalized with them, and
+    ``dx = a·dy + m·(b·x + c)``: the statistics depend on valid positions only.
+    ``ident`` (Paddle's one-value case) makes the layer the identity where True.
+
+    The backward collective runs whenever backward runs, even where this rank
+    needs no input gradient, so ranks that differ in ``requires_grad`` still
+    pair their collectives and every input gradient is exact.
     """
 
     @staticmethod
@@ -182,64 +369,43 @@ class SyncBatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        eps: float,
-        decay: float,
-        unbiased_var: bool,
-        process_group: _comm.ProcessGroup | None,
+        mask: Tensor | None,
+        mean: Tensor,
+        inv_std: Tensor,
+        count: Tensor,
+        ident: Tensor | None,
+        call: int,
+        group_name: str | None,
         site: _comm.CallSite | None,
-        single_value: SingleValuePolicy,
         inplace_activation: Activation | None,
     ) -> Tensor:
-        moments = _stats.local_moments(x)
-        packed = _stats.pack_local_moments(moments)
-        if process_group is not None:
-            assert site is not None, "a group needs a CallSite"
-            packed = _comm.reduce_forward(packed, process_group, site)  # 2C + 1, + step key
-        stats = _stats.merge_global_moments(packed)
-
-        ctx.process_group = process_group
+        if ident is not None:  # y = x exactly: μ = 0, invstd = 1, w = 1, β = 0
+            mean = _unit_where(ident, mean, 0.0)
+            inv_std = _unit_where(ident, inv_std, 1.0)
+            weight = None if weight is None else _unit_where(ident, weight, 1.0)
+            bias = None if bias is None else _unit_where(ident, bias, 0.0)
+        ctx.group_name = group_name
         ctx.site = site
+        ctx.call = call
+        ctx.shape = tuple(x.shape)
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.identity = False
         ctx.activation = inplace_activation
-        # A global count of 1 is only possible where the local count is <= 1, so
-        # the host read (a device sync on accelerators) is confined to that case.
-        if moments.count <= 1 and int(stats.count.item()) == 1:
-            if single_value == "raise":
-                raise single_value_error(1)
-            ctx.identity = True
-            if inplace_activation is not None:  # y = f(x): keep y for f' in backward
-                inplace_activation.apply_(x)
-                ctx.mark_dirty(x)
-                ctx.save_for_backward(x)
-                return x
-            return x.clone()
-
-        if not is_recomputing():  # a checkpoint's recompute must not update them twice
-            _stats.update_running_stats(running_mean, running_var, stats, decay, unbiased_var)
-        acc = _stats.acc_dtype(x.dtype)
-        mean = stats.mean.to(acc)
-        inv_std = _stats.invstd(stats.var, eps).to(acc)
         if inplace_activation is None:
-            ctx.save_for_backward(x, weight, bias, mean, inv_std, stats.count)
+            ctx.save_for_backward(x, weight, bias, mean, inv_std, count, mask, ident)
             return normalize(x, mean, inv_std, weight, bias)
         normalize_(x, mean, inv_std, weight, bias)
         inplace_activation.apply_(x)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(x, weight, bias, mean, inv_std, stats.count)
+        ctx.save_for_backward(x, weight, bias, mean, inv_std, count, mask, ident)
         return x
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        nones = (None,) * 9
-        if ctx.identity:
-            if ctx.activation is not None:
-                (y,) = ctx.saved_tensors
-                dy = ctx.activation.grad_through(dy, y)
-            return (dy, None, None, *nones)
-        saved, weight, bias, mean, inv_std, count = ctx.saved_tensors
+        site: _comm.CallSite | None = ctx.site
+        if torch.is_grad_enabled():
+            raise double_backward_error(site.layer if site is not None else "SyncBatchNorm")
+        saved, weight, bias, mean, inv_std, count, mask, ident = ctx.saved_tensors
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         activation: Activation | None = ctx.activation
         if activation is None:  # saved is the input x
@@ -251,13 +417,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
             shift = torch.zeros_like(mean) if bias is None else bias.to(mean.dtype)
             scale = torch.ones_like(mean) if weight is None else weight.to(mean.dtype)
             sums = local_grad_sums(dz, x, shift, scale.reciprocal())  # Σdz·(z − β)/w = Σdz·x̂
-        grad_weight = sums.sum_dy_xhat.to(weight.dtype) if need_weight else None
-        grad_bias = sums.sum_dy.to(ctx.bias_dtype) if need_bias else None
-        grad_input = None
+        grad_weight = grad_bias = grad_input = None
+        if need_weight:
+            grad_weight = _unit_where(ident, sums.sum_dy_xhat, 0.0).to(ctx.weight_dtype)
+        if need_bias:
+            grad_bias = _unit_where(ident, sums.sum_dy, 0.0).to(ctx.bias_dtype)
+        channels = mean.numel()
+        packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat]).double()  # C, C
+        if ctx.group_name is not None:
+            assert site is not None, "a group needs a CallSite"
+            packed = _comm.all_reduce_checked(  # C, C, 0, key -> 2C + 2
+                torch.cat([packed, packed.new_zeros(2)]), ctx.group_name, site, "backward",
+                ctx.call, ctx.shape)[:2 * channels]
         if need_input:
-            packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat]).double()  # C, C -> 2C
-            if ctx.process_group is not None:
-                packed = _comm.reduce_backward(packed, ctx.process_group, ctx.site)
             global_sums = _stats.GradSums(*packed.to(mean.dtype).chunk(2))
             if activation is None:
                 a, b, c = _stats.input_grad_coefficients(global_sums, count, mean, inv_std,
@@ -265,5 +437,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             else:
                 a, b, c = _stats.input_grad_coefficients_from_output(
                     global_sums, count, inv_std, weight, bias)
-            grad_input = input_grad(x, dz, a, b, c)
-        return (grad_input, grad_weight, grad_bias, *nones)
+            if ident is not None:  # dx = dy where the global batch is one value
+                a, b, c = (_unit_where(ident, a, 1.0), _unit_where(ident, b, 0.0),
+                           _unit_where(ident, c, 0.0))
+            grad_input = input_grad(x, dz, a, b, c, mask)
+        return (grad_input, grad_weight, grad_bias, *(None,) * 9)

@@ -6,11 +6,15 @@ torch's exact text where torch rejects the same input.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
 MIN_NDIM = 2
 MAX_NDIM = 5
+MAX_TIMEOUT_S = 1e7
+"""The longest timeout accepted (~116 days): ``timedelta`` and gloo overflow far above it."""
 
 
 def check_tensor(value: object, what: str = "input") -> Tensor:
@@ -90,43 +94,99 @@ def check_num_features(num_features: object) -> int:
     return num_features
 
 
-def check_momentum(momentum: object, allow_none: bool) -> None:
-    """Torch momentum: a float in [0, 1], or ``None`` (cumulative average) on modules."""
+def _real_number(value: object) -> float | None:
+    """``value`` as a float when torch's modules would take it as a number, else ``None``.
+
+    Python ints and floats, NumPy scalars and 0-d floating-point tensors count;
+    bools do not.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):  # int, float, NumPy's scalar types
+        return float(value)
+    if isinstance(value, Tensor) and value.dim() == 0 and value.is_floating_point():
+        return float(value.item())
+    return None
+
+
+def check_momentum(momentum: object, allow_none: bool) -> float | None:
+    """Torch momentum: a number in [0, 1], or ``None`` (cumulative average) on modules.
+
+    Returns it as a float (a 0-d tensor or a NumPy scalar as torch's BatchNorm
+    takes them), or ``None``.
+    """
     if momentum is None and allow_none:
-        return
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        return None
+    value = _real_number(momentum)
+    if value is None:
         fix = "a float in [0, 1], or None for a cumulative average" if allow_none else (
             "a float in [0, 1]; the module computes 1/num_batches_tracked for None"
         )
         raise TypeError(f"expected momentum to be {fix}, got {momentum!r}")
-    if not 0.0 <= float(momentum) <= 1.0:
+    if not 0.0 <= value <= 1.0:
         raise ValueError(
             f"expected momentum in [0, 1] (the weight of the new batch statistic), got "
             f"{momentum}"
         )
+    return value
 
 
 def check_eps(eps: object) -> None:
     """eps must be a non-negative number."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    value = _real_number(eps)
+    if value is None:
         raise TypeError(f"expected eps to be a float, got {eps!r}")
-    if not float(eps) >= 0.0:
+    if not value >= 0.0:
         raise ValueError(f"expected eps >= 0, got {eps}")
 
 
+def check_train_eps(eps: float) -> None:
+    """In training, eps must be positive (torch's text): a batch's variance can be 0."""
+    if not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+
+
 def check_timeout(timeout: object) -> None:
-    """A collective timeout: a positive number of seconds, or ``None`` (the group's own)."""
+    """A collective timeout: a positive, finite number of seconds, or ``None`` (the group's own)."""
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+    value = _real_number(timeout)
+    if value is None:
         raise TypeError(
             f"SyncBatchNorm expected timeout to be a number of seconds or None (the group's "
             f"own timeout), got {timeout!r}; pass e.g. timeout=30"
         )
-    if not timeout > 0:
+    if not 0 < value <= MAX_TIMEOUT_S:
         raise ValueError(
-            f"SyncBatchNorm expected timeout > 0 seconds, got {timeout}; pass e.g. timeout=30, "
-            "or None for the group's own timeout"
+            f"SyncBatchNorm expected 0 < timeout <= {MAX_TIMEOUT_S:g} seconds, got {timeout}; "
+            "pass e.g. timeout=30, or None for the group's own timeout"
+        )
+
+
+def check_mask(input: Tensor, mask: object) -> None:
+    """A mask is ``None`` or a bool tensor of the input's shape without dim 1, on its device."""
+    if mask is None:
+        return
+    expected = (input.size(0), *input.shape[2:])
+    if not isinstance(mask, Tensor):
+        raise TypeError(
+            f"SyncBatchNorm expected mask to be None or a bool tensor of shape {expected} "
+            f"(the input's shape without the channel dim), got {type(mask).__name__}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"SyncBatchNorm expected mask to be a bool tensor (True = the position counts), "
+            f"got {mask.dtype}; pass e.g. mask=lengths_mask.bool()"
+        )
+    if tuple(mask.shape) != expected:
+        raise ValueError(
+            f"SyncBatchNorm expected mask of shape {expected} (the input's shape "
+            f"{tuple(input.shape)} without the channel dim 1), got {tuple(mask.shape)}"
+        )
+    if mask.device != input.device:
+        raise ValueError(
+            f"SyncBatchNorm expected mask on the input's device {input.device}, got "
+            f"{mask.device}; move it with mask.to(input.device)"
         )
 
 

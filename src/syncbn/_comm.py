@@ -1,24 +1,31 @@
 """The only module that calls ``torch.distributed``.
 
-One sum-all-reduce per direction, named after its step: :func:`reduce_forward`
-carries ``2C + 2`` float64 values (the moments and a step key),
-:func:`reduce_backward` ``2C`` float64 values: ``8·(4C + 2)`` bytes per step.
-Neither depends on the world size (unlike an all_gather), and since both are
-float64 whatever the input dtype, ranks that disagree on the dtype still exchange
-buffers of the same size (and the merged statistics stay correct).
+One sum-all-reduce per direction, both through :func:`all_reduce_checked` and
+both ``2C + 2`` float64 values (the forward moments, or the backward gradient
+sums, then a count slot and a step key): ``16·(2C + 2)`` bytes per step. Neither
+depends on the world size (unlike an all_gather), and since both are float64
+and of one size whatever the input dtype or direction, any mispairing (ranks
+at different layers, or one rank's backward against another's forward)
+exchanges buffers of the same size and is caught by the step key.
 
 Every collective knows its :class:`CallSite`; a failure or a timeout becomes a
 :class:`SyncBatchNormError` that names the layer, the call, the phase and the
-shape. Debug mode (``SYNCBN_DEBUG=1`` or ``debug=True`` on the layer) first
-all-gathers a 5-value fingerprint, so that ranks that disagree on the layer, the
-call count, the channels, the dtype or the phase raise a readable error instead
-of exchanging mismatched buffers.
+shape, and aborts the group so the process can still exit. Debug mode
+(``SYNCBN_DEBUG=1`` or ``debug=True`` on the layer) first all-gathers a 6-value
+fingerprint, so that ranks that disagree on the layer, the channels, the dtype,
+the phase, eps or momentum raise a readable error instead of exchanging
+mismatched buffers.
+
+The collective is a ``torch.library`` custom op (``syncbn::all_reduce``), so
+``torch.compile(fullgraph=True)`` traces a layer without a graph break: every
+host-side step (timeouts, checks, messages) happens inside the op.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -27,6 +34,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from ._checks import MAX_TIMEOUT_S
 
 ProcessGroup = Any
 """``torch.distributed.ProcessGroup`` (kept ``Any``: its stubs differ between torch releases)."""
@@ -111,26 +120,36 @@ DEBUG_ENV = "SYNCBN_DEBUG"
 """Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`)."""
 TIMEOUT_ENV = "SYNCBN_TIMEOUT"
 """Seconds a rank waits for one collective of a layer (default: the group's own timeout)."""
+WORLD_ENV = "WORLD_SIZE"
+"""Set by torchrun and other launchers to the number of ranks of the job."""
 
 _DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PHASES = ("forward", "backward")
 
 
 @dataclass(frozen=True)
 class CallSite:
-    """Where a collective comes from, for error messages and debug checks."""
+    """What a layer's collectives know besides the data: its name and settings.
+
+    Everything here is fixed while a model trains (so a compiled graph can
+    carry it as constants); what changes per call (the call count, the input's
+    shape) travels beside it to the collective.
+    """
 
     layer: str  # e.g. "backbone.layer1.0.bn1" (set by convert_sync_batchnorm) or a repr
-    call: int  # how many times this layer has run forward before, on this rank
     channels: int
     dtype: torch.dtype
-    shape: tuple[int, ...]
     timeout_s: float | None  # None: the group's own timeout
     debug: bool
+    eps: float = 0.0  # compared across ranks in debug mode
+    decay: float = 0.0  # likewise (the EMA keep-rate)
 
-    def describe(self, phase: str) -> str:
+    def describe(self, phase: str, call: object = "?", shape: tuple[int, ...] | None = None
+                 ) -> str:
         dtype = str(self.dtype).replace("torch.", "")
-        return (f"{layer_label(self.layer)} ({phase}, call {self.call}, C={self.channels}, "
-                f"{dtype}, input {self.shape})")
+        where = "" if shape is None else f", input {tuple(shape)}"
+        return (f"{layer_label(self.layer)} ({phase}, call {call}, C={self.channels}, "
+                f"{dtype}{where})")
 
 
 def layer_label(layer: str) -> str:
@@ -147,7 +166,7 @@ def env_timeout() -> float | None:
     """The timeout from :data:`TIMEOUT_ENV`, or ``None`` when unset.
 
     Raises:
-        ValueError: it is set but not a positive number of seconds.
+        ValueError: it is set but not a positive number of seconds (see :func:`parse_timeout`).
     """
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
@@ -156,82 +175,138 @@ def env_timeout() -> float | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise ValueError(f"{TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    if not (0 < value <= MAX_TIMEOUT_S):
+        raise ValueError(
+            f"{TIMEOUT_ENV} must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
+            f"got {text!r}"
+        )
     return value
 
 
-def _hint(site: CallSite) -> str:
+_warned_fallback = False
+
+
+def warn_if_launched_without_group() -> None:
+    """Warn once when a launcher says there are several ranks but no group is initialized.
+
+    torchrun sets ``WORLD_SIZE``; without ``init_process_group`` every rank
+    would silently normalize with its own batch only.
+    """
+    global _warned_fallback
+    if _warned_fallback:
+        return
+    text = os.environ.get(WORLD_ENV, "").strip()
+    if not text.isdigit() or int(text) <= 1 or is_distributed():
+        return
+    _warned_fallback = True
+    warnings.warn(
+        f"SyncBatchNorm: {WORLD_ENV}={text} says this job has several ranks, but no "
+        "torch.distributed process group is initialized, so every rank normalizes with "
+        "its own batch only (plain BatchNorm). Call torch.distributed.init_process_group() "
+        "before training to synchronize the statistics.",
+        RuntimeWarning, stacklevel=4,
+    )
+
+
+def _hint(debug: bool) -> str:
     causes = ("a rank may have skipped this layer (a data-dependent branch), run it in eval "
-              "mode while the others train, called it a different number of times, or died")
-    if site.debug:
+              "mode while the others train, called it a different number of times, skipped "
+              "its backward (e.g. no gradient needed there), or died")
+    if debug:
         return causes
     return f"{causes}; run with {DEBUG_ENV}=1 to find the rank and the layer"
 
 
 STEP_KEY_BITS = 20
-"""The forward buffer carries one extra value, a key < 2**20 of (layer, call)."""
+"""Every buffer carries one extra value, a key < 2**20 of (layer, phase, C)."""
 
 
-def step_key(site: CallSite) -> int:
-    """A number every rank computes alike at the same layer and call: ``1 ≤ key ≤ 2**20``."""
-    return zlib.crc32(f"{site.layer}#{site.call}".encode()) % (1 << STEP_KEY_BITS) + 1
+def step_key(layer: str, phase: str, channels: int) -> int:
+    """A number every rank computes alike at the same layer and phase: ``1 ≤ key ≤ 2**20``.
+
+    It does not depend on how often the layer ran before, so ranks restored
+    differently (one unpickled, one ``load_state_dict``) still agree.
+    """
+    return zlib.crc32(f"{layer}#{phase}#{channels}".encode()) % (1 << STEP_KEY_BITS) + 1
 
 
-def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
-                    phase: str) -> Tensor:
-    """Sum over the group, waiting at most ``site.timeout_s``; failures name the layer."""
+_broken_groups: list[ProcessGroup] = []
+
+
+def _abort(process_group: ProcessGroup) -> str:
+    """Abort a group whose collective failed, so its pending work ends and the process can exit.
+
+    A timed-out gloo operation otherwise stays pending until the group's own
+    timeout (30 minutes by default), and the interpreter waits for it at exit.
+    Returns how the group was left, for the error message.
+    """
+    abort = getattr(process_group, "abort", None)
+    if abort is None:
+        return "this torch cannot abort the group"
+    try:
+        abort()
+    except RuntimeError as error:  # some backends cannot abort; say so
+        return f"aborting the group failed ({str(error).strip()[:120]})"
+    _broken_groups.append(process_group)
+    return ("the process group was aborted (it cannot be used again; destroy it and "
+            "re-initialize, or exit)")
+
+
+def _wait(work: Any, timeout_s: float | None) -> None:
+    if timeout_s is None:
+        work.wait()
+    else:
+        work.wait(timedelta(seconds=timeout_s))
+
+
+def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite, phase: str,
+                    call: object, shape: tuple[int, ...]) -> None:
+    """Sum over the group in place, waiting at most ``site.timeout_s``; failures name the layer."""
     start = time.monotonic()
     try:
-        if site.timeout_s is None:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
-        else:
-            work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group,
-                                   async_op=True)
-            work.wait(timedelta(seconds=site.timeout_s))
+        work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
+        _wait(work, site.timeout_s)
     except RuntimeError as error:
         elapsed = time.monotonic() - start
         if site.timeout_s is not None and elapsed >= 0.9 * site.timeout_s:
             what = f"did not complete within {site.timeout_s:g} s"
         else:
             what = f"failed after {elapsed:.2f} s"
+        left = _abort(process_group)
         raise SyncBatchNormError(
-            f"{site.describe(phase)}: the all_reduce over {group_size(process_group)} ranks "
-            f"{what} ({str(error).strip()[:300]}); {_hint(site)}"
+            f"{site.describe(phase, call, shape)}: the all_reduce over "
+            f"{group_size(process_group)} ranks {what} ({str(error).strip()[:300]}); "
+            f"{_hint(site.debug)}; {left}"
         ) from error
-    return tensor
 
 
 def _fingerprint(site: CallSite, phase: str) -> list[float]:
     layer_key = zlib.crc32(site.layer.encode())
     dtype_code = _DTYPE_CODES.index(site.dtype) if site.dtype in _DTYPE_CODES else -1
-    return [float(layer_key), float(site.call), float(site.channels), float(dtype_code),
-            float(phase == "backward")]
+    return [float(layer_key), float(site.channels), float(dtype_code),
+            float(phase == "backward"), site.eps, site.decay]
 
 
-_FIELDS = ("layer", "call", "channels", "dtype", "phase")
+_FIELDS = ("layer", "channels", "dtype", "phase", "eps", "momentum")
 
 
 def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
-                      device: torch.device) -> None:
-    """Debug mode: all ranks compare (layer, call, C, dtype, phase) before the collective.
+                      device: torch.device, call: object, shape: tuple[int, ...]) -> None:
+    """Debug mode: all ranks compare (layer, C, dtype, phase, eps, momentum) first.
 
-    A fixed-size all_gather of 5 float64 values per rank; on a mismatch every rank
+    A fixed-size all_gather of 6 float64 values per rank; on a mismatch every rank
     sees the same table, so all of them also gather the readable descriptions and
     raise the same :class:`SyncBatchNormError` naming the ranks that differ.
     """
     mine = torch.tensor(_fingerprint(site, phase), dtype=torch.float64, device=device)
     table = [torch.empty_like(mine) for _ in range(group_size(process_group))]
     try:
-        if site.timeout_s is None:
-            dist.all_gather(table, mine, group=process_group)
-        else:
-            work = dist.all_gather(table, mine, group=process_group, async_op=True)
-            work.wait(timedelta(seconds=site.timeout_s))
+        _wait(dist.all_gather(table, mine, group=process_group, async_op=True), site.timeout_s)
     except RuntimeError as error:
+        left = _abort(process_group)
         raise SyncBatchNormError(
-            f"{site.describe(phase)}: the debug fingerprint exchange failed or timed out "
-            f"({str(error).strip()[:300]}); {_hint(site)}"
+            f"{site.describe(phase, call, shape)}: the debug fingerprint exchange failed or "
+            f"timed out ({str(error).strip()[:300]}); {_hint(site.debug)}; {left}"
         ) from error
     rows = torch.stack(table).cpu()
     differing = [name for j, name in enumerate(_FIELDS)
@@ -239,48 +314,112 @@ def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
     if not differing:
         return
     described: list[object] = [None] * len(table)
-    dist.all_gather_object(described, site.describe(phase), group=process_group)
+    text = (f"{site.describe(phase, call, shape)} eps={site.eps:g} "
+            f"momentum={1.0 - site.decay:g}")
+    dist.all_gather_object(described, text, group=process_group)
     lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(described))
     raise SyncBatchNormError(
         f"ranks disagree on {', '.join(differing)} at a SyncBatchNorm collective: {lines}. "
         "Every rank must run the same SyncBatchNorm layers, in the same order and mode, "
-        "with the same channels and dtype"
+        "with the same channels, dtype, eps and momentum"
     )
 
 
-def reduce_forward(packed_moments: Tensor, process_group: ProcessGroup, site: CallSite) -> Tensor:
-    """Sum the packed local moments ``[Σx, Σx², count]`` (float64, ``2C + 1``) over the group.
+def _group_by_name(group_name: str) -> ProcessGroup:
+    """The registered group of that name (how a group travels through a compiled graph)."""
+    from torch.distributed import distributed_c10d
 
-    One more value travels: the :func:`step_key` of (layer, call). If every rank
-    is at the same layer and call, the keys sum to ``W·key``; otherwise the
-    buffers of different layers (or steps) were paired and the statistics are
-    garbage. On CPU every rank checks this (reading the sum costs nothing) and
-    raises; on accelerators reading it would stall the stream, so the check runs
-    in debug mode only (whose fingerprint exchange names the ranks).
-    """
-    if site.debug:
-        check_fingerprint(site, "forward", process_group, packed_moments.device)
-    key = step_key(site)
-    buffer = torch.cat([packed_moments, packed_moments.new_full((1,), float(key))])
-    buffer = _all_reduce_sum(buffer, process_group, site, "forward")  # 2C + 2 float64
-    if buffer.device.type == "cpu":
+    return distributed_c10d._resolve_process_group(group_name)  # type: ignore[attr-defined, arg-type]
+
+
+@torch.library.custom_op("syncbn::all_reduce", mutates_args=())
+def _all_reduce_op(
+    buffer: Tensor, shift: Tensor | None, call_count: int, group_name: str, layer: str,
+    phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
+    eps: float, decay: float, single_value_check: bool,
+) -> Tensor:
+    """The one collective of the core, opaque to torch.compile (see :func:`all_reduce_checked`)."""
+    process_group = _group_by_name(group_name)
+    site = CallSite(layer, channels, getattr(torch, dtype), None if timeout_s <= 0 else timeout_s,
+                    debug, eps, decay)
+    call: object = call_count if call_count >= 0 else "?"
+    shape_t = tuple(shape)
+    if debug:
+        check_fingerprint(site, phase, process_group, buffer.device, call, shape_t)
+    checked = buffer.device.type == "cpu" or debug
+    key = step_key(layer, phase, channels)
+    if checked and shift is not None:  # ranks whose shifts differ are out of step too
+        key = (key + zlib.crc32(shift.detach().cpu().numpy().tobytes())) % (1 << STEP_KEY_BITS) + 1
+    out = buffer.clone()
+    out[-1] = float(key)
+    _all_reduce_sum(out, process_group, site, phase, call, shape_t)
+    if checked:
         size = group_size(process_group)
-        total = int(buffer[-1].item())
+        total = int(out[-1].item())
         if total != size * key:
             raise SyncBatchNormError(
-                f"{site.describe('forward')}: the ranks are out of step: this rank's "
-                f"all_reduce was paired with another layer or call on some rank (step keys "
-                f"sum to {total}, not {size}×{key}), so these statistics are wrong; "
-                f"{_hint(site)}"
+                f"{site.describe(phase, call, shape_t)}: the ranks are out of step: this "
+                f"rank's all_reduce was paired with another layer or phase on some rank, or "
+                f"the ranks' running statistics differ (step keys sum to {total}, not "
+                f"{size}×{key}), so its values are wrong; "
+                f"{_hint(debug)}"
             )
-    return buffer[:-1]
+    if single_value_check and int(out[-2].item()) == 1:
+        raise single_value_error(1)
+    return out
 
 
-def reduce_backward(grad_sums: Tensor, process_group: ProcessGroup, site: CallSite) -> Tensor:
-    """Sum the packed gradient reductions ``[Σdy, Σdy·x̂]`` (float64, ``2C``) over the group."""
-    if site.debug:
-        check_fingerprint(site, "backward", process_group, grad_sums.device)
-    return _all_reduce_sum(grad_sums, process_group, site, "backward")
+@_all_reduce_op.register_fake
+def _(buffer: Tensor, shift: Tensor | None, call_count: int, group_name: str, layer: str,
+      phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
+      eps: float, decay: float, single_value_check: bool) -> Tensor:
+    return torch.empty_like(buffer)
+
+
+def single_value_error(count: int) -> ValueError:
+    """torch's error for a training batch with one value per channel."""
+    return ValueError(
+        f"Expected more than 1 value per channel when training, got input size {count}"
+    )
+
+
+def all_reduce_checked(buffer: Tensor, group_name: str, site: CallSite, phase: str,
+                       call: int, shape: tuple[int, ...] | list[int] | torch.Size,
+                       single_value_check: bool = False, shift: Tensor | None = None) -> Tensor:
+    """Sum ``buffer`` (float64, last value a free slot for the step key) over the group.
+
+    Both directions send buffers of one size, ``2C + 2``: the forward
+    ``[Σ(x − s), Σ(x − s)², count, key]``, the backward ``[Σdy, Σdy·x̂, 0, key]``.
+    The key (:func:`step_key` of layer, phase and C) is written into the last
+    slot; if every rank is at the same layer and phase the keys sum to ``W·key``,
+    otherwise buffers of different layers or directions were paired and the sums
+    are garbage. On CPU every rank checks this (reading the sum costs nothing) and
+    raises at once; on accelerators reading it would stall the stream, so the
+    check runs in debug mode only (whose fingerprint exchange names the ranks).
+    The forward's key also folds in the ``shift`` the moments were taken about
+    (see ``_stats.pack_local_moments``), so ranks whose running statistics differ
+    are caught the same way. With ``single_value_check`` (a rank whose own count
+    is ≤ 1) the global count (``buffer[-2]``) is read, and torch's error raised
+    when it is 1. ``group_name`` is the group's ``group_name`` (a string travels
+    through a compiled graph; the group itself is looked up inside the op);
+    ``call`` (the layer's earlier forwards, −1 unknown) only names the call in messages.
+
+    The collective is the custom op ``syncbn::all_reduce``: it returns a new
+    tensor (the input is not changed), so ``torch.compile`` keeps it whole, with
+    no graph break, and never drops it (its result is always used).
+
+    Raises:
+        SyncBatchNormError: the collective failed, timed out (the group is then
+            aborted, so the process can exit), or the ranks were out of step.
+        ValueError: torch's text, a global count of 1 with ``single_value_check``.
+    """
+    out: Tensor = _all_reduce_op(
+        buffer, shift, call, group_name, site.layer, phase, site.channels,
+        str(site.dtype).replace("torch.", ""), list(shape),
+        -1.0 if site.timeout_s is None else site.timeout_s, site.debug, site.eps, site.decay,
+        single_value_check,
+    )
+    return out
 
 
 def backend_name(process_group: ProcessGroup | None) -> str:
@@ -294,10 +433,9 @@ __all__ = [
     "CallSite",
     "ProcessGroup",
     "SyncBatchNormError",
+    "all_reduce_checked",
     "backend_name",
     "group_size",
     "is_distributed",
-    "reduce_backward",
-    "reduce_forward",
     "resolve_group",
 ]

@@ -12,9 +12,10 @@ Vocabulary (used everywhere in the core, never renamed):
   ``running ← decay·running + (1 − decay)·batch``. Torch's ``momentum`` is
   ``1 − decay``; Paddle's ``momentum`` is ``decay``. No ``momentum`` enters here.
 
-The cross-rank stage packs ``[Σx, Σx², count]`` (``2C + 1`` float64 values) for
-one all-reduce; the packing is built from centred local moments so that float32
-inputs lose nothing to cancellation (see :func:`pack_local_moments`).
+The cross-rank stage packs ``[Σ(x − s), Σ(x − s)², count, key]`` (``2C + 2``
+float64 values, ``s`` a shift all ranks share) for one all-reduce; the packing is
+built from centred local moments so that nothing is lost to cancellation (see
+:func:`pack_local_moments` and :func:`merge_global_moments`).
 """
 
 from __future__ import annotations
@@ -54,10 +55,11 @@ def local_count(shape: torch.Size) -> int:
 class LocalMoments:
     """Centred moments of one rank's shard, in the accumulation dtype."""
 
-    count: int
+    count: int | Tensor  # a host int, or (masked) a float64 tensor of shape ()
     total: Tensor  # Σx, shape (C,)
     centre: Tensor  # c = Σx / max(count, 1), the point m2 is taken about
     m2: Tensor  # Σ(x − c)²
+    residual: Tensor | None = None  # Σ(x − c) when measured (float64 inputs), else derived
 
 
 def torch_stats_kernel_applies(x: Tensor) -> bool:
@@ -70,9 +72,9 @@ def torch_stats_kernel_applies(x: Tensor) -> bool:
     0.89 ms). Its float accumulation is less exact than the two reductions at
     extreme offsets (relative error of σ² 6e-5 at μ/σ = 1e4, 3e-4 at 1e5,
     against ~1e-6), so 2-D float32/float64 inputs, where the reductions cost
-    ~0.1 ms, keep the reductions.
+    ~0.1 ms, keep the reductions, and so do float64 inputs of any layout.
     """
-    if x.numel() == 0:
+    if x.numel() == 0 or x.dtype == torch.float64:
         return False
     if x.dtype in (torch.float16, torch.bfloat16) or x.device.type != "cpu":
         return True
@@ -82,18 +84,25 @@ def torch_stats_kernel_applies(x: Tensor) -> bool:
     return not x.is_contiguous() and x.is_contiguous(memory_format=layout)
 
 
-def local_moments(x: Tensor) -> LocalMoments:
+def local_moments(x: Tensor, mask: Tensor | None = None) -> LocalMoments:
     """Centred moments of ``x`` over every dim but 1, in :func:`acc_dtype`.
 
     Either torch's statistics kernel (see :func:`torch_stats_kernel_applies`;
     a two-pass mean and biased variance, so ``m2 = count·var`` about the mean;
     given float32 scratch buffers it returns float32 statistics for 16-bit
     inputs), or two reductions: ``Σx``, then ``m2 = Σ(x − c)²`` with
-    ``c = Σx/count``. An empty shard gives zeros (``c = 0``), so it contributes
-    nothing and produces no NaN.
+    ``c = Σx/count`` (float64 inputs also keep ``Σ(x − c)``, the rounding of
+    ``c``, see :func:`pack_local_moments`). An empty shard gives zeros
+    (``c = 0``), so it contributes nothing and produces no NaN.
+
+    With a ``mask`` (bool, the input's shape without dim 1; True = counts) only
+    the valid positions count: ``count = Σm``, ``Σx·m`` and ``Σ((x − c)·m)²``;
+    this costs one elementwise pass more than the unmasked reductions (``x·m``).
     """
-    count = local_count(x.shape)
     dtype = acc_dtype(x.dtype)
+    if mask is not None:
+        return _masked_moments(x, mask, dtype)
+    count = local_count(x.shape)
     if torch_stats_kernel_applies(x):
         scratch = torch.zeros(x.size(1), dtype=dtype, device=x.device)
         # momentum 0: the scratch "running" buffers only fix the statistics' dtype
@@ -103,27 +112,58 @@ def local_moments(x: Tensor) -> LocalMoments:
     total = x.sum(dims, dtype=dtype)
     centre = total / max(count, 1)
     deviation = x - channel_view(centre, x.dim())
+    residual = deviation.sum(dims) if dtype == torch.float64 else None
     m2 = deviation.square_().sum(dims)
-    return LocalMoments(count, total, centre, m2)
+    return LocalMoments(count, total, centre, m2, residual)
 
 
-def pack_local_moments(moments: LocalMoments) -> Tensor:
-    """Pack ``[Σx (C), Σx² (C), count (1)]`` in float64 for one sum-all-reduce.
+def _masked_moments(x: Tensor, mask: Tensor, dtype: torch.dtype) -> LocalMoments:
+    m = mask.unsqueeze(1).to(x.dtype)  # (N, 1, …): 0/1, exact in every float dtype
+    dims = reduce_dims(x.dim())
+    count = mask.sum(dtype=torch.float64)
+    xm = x * m
+    total = xm.sum(dims, dtype=dtype)
+    centre = total / count.clamp_min(1.0).to(dtype)
+    if xm.dtype != dtype:  # 16-bit: the deviations in float32
+        xm, m = xm.to(dtype), m.to(dtype)
+    deviation = torch.addcmul(xm, m, channel_view(centre, x.dim()), value=-1.0)  # (x − c)·m
+    residual = deviation.sum(dims) if dtype == torch.float64 else None
+    m2 = deviation.square_().sum(dims)
+    return LocalMoments(count, total, centre, m2, residual)
 
-    ``Σx²`` is rebuilt from the centred moments by the exact identity
 
-        Σx² = m2(c) + c·(2·Σx − count·c),   where m2(c) = Σ(x − c)²,
+def pack_local_moments(moments: LocalMoments, shift: Tensor | None = None) -> Tensor:
+    """Pack ``[Σ(x − s) (C), Σ(x − s)² (C), count (1), 0 (1)]`` in float64 for one all-reduce.
 
-    which holds for *any* centre ``c``, so rounding in ``c`` costs nothing. The
-    terms are formed in float64, so the later cancellation in
-    :func:`merge_global_moments` loses only ε₆₄·(μ/σ)² relative.
+    ``s`` is a per-channel ``shift`` that every rank holds alike (the layer's
+    last global mean, else its running mean, see :func:`merge_global_moments`;
+    ``None`` means 0). The sums are rebuilt from the centred moments by the exact
+    identities, with ``d = c − s`` and ``r = Σ(x − c)``,
+
+        Σ(x − s) = r + count·d,      Σ(x − s)² = m2(c) + d·(2r + count·d),
+
+    which hold for *any* centre ``c``, so rounding in ``c`` costs nothing. The
+    terms are formed in float64; the last slot is the step key's (set by the
+    collective).
     """
     total, centre, m2 = torch.stack([moments.total, moments.centre, moments.m2]).double()
-    # c·(2·Σx − count·c) = 2c·(Σx − (count/2)·c)
-    sum_sq = torch.addcmul(m2, centre, torch.add(total, centre, alpha=-moments.count / 2),
-                           value=2.0)
-    count = total.new_full((1,), float(moments.count))
-    return torch.cat([total, sum_sq, count])  # C, C, 1 -> (2C + 1)
+    count = moments.count
+    if isinstance(count, Tensor):
+        n: Tensor | float = count
+        count_slot = count.reshape(1)
+    else:
+        n = float(count)
+        count_slot = total.new_full((1,), n)
+    direct = total if shift is None else total - shift * n  # Σx − count·s
+    d = centre if shift is None else centre - shift
+    if moments.residual is not None:  # measured: Σ(x − s) = r + count·d, exact to ε·|r|
+        residual = moments.residual.double()
+        s1 = torch.where(torch.isnan(residual), direct, residual + d * n)  # inf: as torch
+    else:
+        residual = total - centre * n
+        s1 = direct
+    s2 = torch.addcmul(m2, d, s1 + residual)  # m2 + d·(2r + count·d)
+    return torch.cat([s1, s2, count_slot, count_slot.new_zeros(1)])  # C, C, 1, 1 -> 2C + 2
 
 
 @dataclass(frozen=True)
@@ -135,24 +175,25 @@ class GlobalMoments:
     var: Tensor  # biased
 
 
-def merge_global_moments(packed: Tensor) -> GlobalMoments:
+def merge_global_moments(packed: Tensor, shift: Tensor | None = None) -> GlobalMoments:
     """Global mean and biased variance from the summed packing of every rank.
 
-    With ``S₁ = Σ_k Σx``, ``S₂ = Σ_k Σx²`` and ``N = Σ_k count_k`` (float64):
-
-        μ = S₁ / N,    σ² = max(S₂/N − μ², 0).
-
-    This is the all-reduce form of the pairwise merge of Chan, Golub & LeVeque
-    ("Algorithms for computing the sample variance", 1983): summing
-    ``m2_k + count_k·c_k²`` over ranks equals ``M2 + N·μ²``. In float64 the
-    relative error of σ² is about ε₆₄·(μ/σ)²; float32 inputs with mean 1e4 and
-    std 1 therefore keep ~1e-8 relative (E[x²]−E[x]² in float32 would lose all).
-    With ``N = 0`` (every rank empty) the result is mean 0, var 0, never NaN.
+    With ``S₁ = Σ(x − s)``, ``S₂ = Σ(x − s)²`` over every rank and ``N`` the
+    global count: ``μ = s + S₁/N``, ``σ² = S₂/N − (S₁/N)²``. This is the
+    all-reduce form of the pairwise merge of Chan, Golub & LeVeque ("Algorithms
+    for computing the sample variance", 1983). In float64 the relative error of
+    σ² is about ε₆₄·((μ − s)/σ)²: with ``s`` the layer's last global mean
+    (within a few σ of this batch's), it is ~1e-15 even at μ/σ = 1e8; with no
+    shift (a layer's first step, with a zero running mean) it is ε₆₄·(μ/σ)²,
+    so float32 inputs with mean 1e4 and std 1 still keep ~1e-8 relative
+    (E[x²]−E[x]² in float32 would lose all). With ``N = 0`` (every rank empty)
+    the result is mean ``s``, var 0, never NaN.
     """
-    channels = (packed.numel() - 1) // 2
-    count = packed[-1:].clone()  # not a view: the buffer need not outlive this step
-    mean, mean_sq = (packed[:-1] / count.clamp_min(1.0)).view(2, channels)
-    var = torch.addcmul(mean_sq, mean, mean, value=-1.0).clamp_min_(0.0)
+    channels = (packed.numel() - 2) // 2
+    count = packed[2 * channels:2 * channels + 1].clone()  # not a view of the buffer
+    mean_d, mean_sq = (packed[:2 * channels] / count.clamp_min(1.0)).view(2, channels)
+    var = torch.addcmul(mean_sq, mean_d, mean_d, value=-1.0).clamp_min_(0.0)
+    mean = mean_d if shift is None else mean_d + shift
     return GlobalMoments(count, mean, var)
 
 
@@ -161,33 +202,34 @@ def invstd(var: Tensor, eps: float) -> Tensor:
     return (var + eps).rsqrt()
 
 
-def update_running_stats(
+def blend_running_stats(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     stats: GlobalMoments,
-    decay: float,
+    decay: float | Tensor,
     unbiased_var: bool,
-) -> None:
-    """In place: ``running ← decay·running + (1 − decay)·batch``, where ``count > 0``.
+) -> tuple[Tensor | None, Tensor | None]:
+    """New running values: ``decay·running + (1 − decay)·batch``, where ``count > 1``.
 
     ``batch`` is the global mean, and the global variance: unbiased,
-    ``σ²·N/(N − 1)`` (Torch), or biased ``σ²`` (Paddle). Computed in float64 and
-    rounded once into the buffers' dtype, from values that are identical on every
-    rank, so every rank ends with bitwise identical buffers. A step whose global
-    batch is empty leaves the buffers untouched.
+    ``σ²·N/(N − 1)`` (Torch), or biased ``σ²`` (Paddle). Computed in float64
+    (returned in float64, rounded once when written into the buffers) from
+    values that are identical on every rank, so every rank ends with bitwise
+    identical buffers. A step whose global batch holds at most one value (every
+    rank empty, or every mask False) keeps the old values.
     """
     batch_var = stats.var
-    if unbiased_var and running_var is not None:
+    if unbiased_var:
         batch_var = batch_var * (stats.count / (stats.count - 1.0).clamp_min(1.0))
-    pairs = [(r, b) for r, b in ((running_mean, stats.mean), (running_var, batch_var))
-             if r is not None]
-    if not pairs:
-        return
-    old = torch.stack([r for r, _ in pairs]).double()
-    new = torch.stack([b for _, b in pairs])
-    blended = torch.where(stats.count > 0, old * decay + new * (1.0 - decay), old)
-    for (running, _), value in zip(pairs, blended, strict=True):
-        running.copy_(value)
+    keep = stats.count <= 1
+    new: list[Tensor | None] = []
+    for running, batch in ((running_mean, stats.mean), (running_var, batch_var)):
+        if running is None:
+            new.append(None)
+            continue
+        old = running.double()
+        new.append(torch.where(keep, old, old * decay + batch * (1.0 - decay)))
+    return new[0], new[1]
 
 
 @dataclass(frozen=True)
@@ -248,3 +290,17 @@ def input_grad_coefficients_from_output(
     if bias is not None:
         c = c - b * bias.to(inv_std.dtype)
     return a, b, c
+
+
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    stats: GlobalMoments,
+    decay: float | Tensor,
+    unbiased_var: bool,
+) -> None:
+    """:func:`blend_running_stats` written into the buffers (rounded once to their dtype)."""
+    new_mean, new_var = blend_running_stats(running_mean, running_var, stats, decay, unbiased_var)
+    for running, value in ((running_mean, new_mean), (running_var, new_var)):
+        if running is not None and value is not None:
+            running.copy_(value)

@@ -13,12 +13,19 @@ The three paths, chosen by named predicates:
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _comm
+from . import _checks, _comm, _stats
 from ._activation import Activation
-from ._autograd import SingleValuePolicy, SyncBatchNormFunction, is_recomputing
+from ._autograd import (
+    SingleValuePolicy,
+    SyncBatchNormFunction,
+    global_moments,
+    is_recomputing,
+    update_running_stats_,
+)
 
 __all__ = ["local_fallback_applies", "sync_batch_norm"]
 
@@ -42,6 +49,7 @@ def sync_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     process_group: _comm.ProcessGroup | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """Batch normalization whose training statistics are those of the whole process group.
 
@@ -51,7 +59,8 @@ def sync_batch_norm(
     buffers, when given, take ``running ← (1 − momentum)·running + momentum·batch``
     with the unbiased global variance ``σ²·N/(N − 1)``. Out of training the
     running buffers normalize and nothing is communicated. The signature and
-    semantics are those of ``torch.nn.functional.batch_norm`` plus the group.
+    semantics are those of ``torch.nn.functional.batch_norm`` plus the group
+    and the mask.
 
     Args:
         input: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
@@ -64,29 +73,38 @@ def sync_batch_norm(
         momentum: weight of the new batch statistic in the running update.
         eps: added to the variance.
         process_group: group to synchronize over; ``None`` means the world.
+        mask: ``None``, or a bool tensor of the input's shape without dim 1
+            (``(N, L)`` for ``(N, C, L)``), True where a position counts: in
+            training μ and σ² are those of the True positions of every rank
+            (every position is still normalized with them), and the running
+            variance is unbiased over the global valid count; a global valid
+            count of 0 or 1 leaves the running buffers unchanged. Out of
+            training the mask changes nothing.
 
     Returns:
         A tensor of the input's shape, dtype and memory format.
 
     Raises:
-        TypeError: ``input`` is not a floating-point tensor, or ``process_group``
-            is not a ProcessGroup.
+        TypeError: ``input`` is not a floating-point tensor, ``mask`` is not a bool
+            tensor, or ``process_group`` is not a ProcessGroup.
         ValueError: input rank outside 2–5, zero channels, a buffer or parameter
-            of the wrong size, missing running buffers out of training, a bad
-            ``momentum``/``eps``, an unusable group, or (torch's text) a
-            training batch with one value per channel over the whole group.
+            of the wrong size, a mask of the wrong shape or device, missing running
+            buffers out of training, a bad ``momentum``/``eps``, an unusable group,
+            or (torch's text) a training batch with one value per channel over the
+            whole group, or eps ≤ 0 in training.
     """
     _checks.check_tensor(input)
     _checks.check_ndim(input)
     _checks.check_channels(input, None)
     _checks.check_floating(input)
-    _checks.check_momentum(momentum, allow_none=False)
+    momentum_value = _checks.check_momentum(momentum, allow_none=False)
     _checks.check_eps(eps)
     channels = input.size(1)
     for name, value in (("running_mean", running_mean), ("running_var", running_var),
                         ("weight", weight), ("bias", bias)):
         _checks.check_per_channel(name, value, channels)
     _checks.check_param_dtypes(input, weight, running_mean)
+    _checks.check_mask(input, mask)
 
     if not training:
         if running_mean is None or running_var is None:
@@ -95,10 +113,11 @@ def sync_batch_norm(
                 "statistics, but running_mean or running_var is None; pass both "
                 "buffers, or training=True to use batch statistics"
             )
-        return F.batch_norm(input, running_mean, running_var, weight, bias, False, momentum, eps)
+        return F.batch_norm(input, running_mean, running_var, weight, bias, False,
+                            momentum_value or 0.0, eps)
 
-    return batch_norm_train(input, running_mean, running_var, weight, bias, momentum, eps,
-                            process_group, site=None)
+    return batch_norm_train(input, running_mean, running_var, weight, bias, momentum_value, eps,
+                            process_group, site=None, mask=mask)
 
 
 def batch_norm_train(
@@ -107,55 +126,93 @@ def batch_norm_train(
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     process_group: _comm.ProcessGroup | None,
     site: _comm.CallSite | None,
     inplace_activation: Activation | None = None,
+    mask: Tensor | None = None,
+    call: int = -1,
+    num_batches_tracked: Tensor | None = None,
 ) -> Tensor:
     """Training step in Torch's conventions: the local fallback or the synchronized core.
 
-    Inside a checkpoint's recompute the running buffers are left alone on both
-    paths (torch's own BatchNorm updates them twice there, pytorch#96136). The
-    in-place activated mode always runs the core (without a collective when
-    the fallback applies), since ``F.batch_norm`` has no such mode.
+    ``momentum=None`` is the cumulative average, ``1/num_batches_tracked`` (the
+    caller has counted this step). Inside a checkpoint's recompute the running
+    buffers are left alone on both paths (torch's own BatchNorm updates them
+    twice there, pytorch#96136). The in-place activated mode and masks always run
+    the core (without a collective when the fallback applies), since
+    ``F.batch_norm`` has neither.
+
+    Raises:
+        ValueError: ``eps ≤ 0`` (torch's text: the variance could be 0).
     """
+    _checks.check_train_eps(eps)
     group = _comm.resolve_group(process_group)
     fallback = local_fallback_applies(group)
-    if is_recomputing():
-        if fallback and inplace_activation is None:
+    if group is None and not torch.compiler.is_compiling():
+        _comm.warn_if_launched_without_group()
+    plain = fallback and inplace_activation is None and mask is None
+    if plain and (momentum is not None or not torch.compiler.is_compiling()):
+        if is_recomputing():
             # throwaway copies: F.batch_norm must save the same tensors as in the first
             # forward (a non-reentrant checkpoint checks that), without a second update
             running_mean = None if running_mean is None else running_mean.clone()
             running_var = None if running_var is None else running_var.clone()
-        else:
-            running_mean = running_var = None
-    if fallback and inplace_activation is None:
+        if momentum is None:  # eager only: the factor is a host number here
+            tracked = 1.0 if num_batches_tracked is None else float(num_batches_tracked.item())
+            momentum = 1.0 / max(tracked, 1.0)
         return F.batch_norm(input, running_mean, running_var, weight, bias, True, momentum, eps)
-    if fallback:
-        group = None
+    if site is None:
+        site = call_site(input, "sync_batch_norm", timeout_s=None, debug=None, eps=eps,
+                         decay=1.0 - (0.0 if momentum is None else momentum))
     return synchronized_batch_norm(
         input, running_mean, running_var, weight, bias,
-        eps=eps, decay=1.0 - float(momentum), unbiased_var=True,
-        process_group=group, single_value="raise",
-        site=site or call_site(input, "sync_batch_norm", call=0, timeout_s=None, debug=None),
-        inplace_activation=inplace_activation,
+        eps=eps, decay=1.0 - (0.0 if momentum is None else float(momentum)), unbiased_var=True,
+        process_group=None if fallback else group, single_value="raise", site=site,
+        inplace_activation=inplace_activation, mask=mask, call=call,
+        num_batches_tracked=num_batches_tracked, cumulative=momentum is None,
     )
 
 
-def call_site(input: Tensor, layer: str, call: int, timeout_s: float | None,
-              debug: bool | None) -> _comm.CallSite:
-    """Describe a layer's collective; ``None`` settings come from the environment.
+def call_site(input: Tensor, layer: str, timeout_s: float | None, debug: bool | None,
+              eps: float = 0.0, decay: float = 0.0) -> _comm.CallSite:
+    """Describe a layer's collectives; ``None`` settings come from the environment.
 
     ``timeout_s=None`` reads ``SYNCBN_TIMEOUT`` (unset: the group's own timeout);
-    ``debug=None`` reads ``SYNCBN_DEBUG``.
+    ``debug=None`` reads ``SYNCBN_DEBUG``. ``eps`` and ``decay`` are compared
+    across ranks in debug mode.
     """
     return _comm.CallSite(
-        layer=layer, call=call, channels=input.size(1), dtype=input.dtype,
-        shape=tuple(input.shape),
+        layer=layer, channels=input.size(1), dtype=input.dtype,
         timeout_s=_comm.env_timeout() if timeout_s is None else timeout_s,
-        debug=_comm.env_debug() if debug is None else debug,
+        debug=_comm.env_debug() if debug is None else debug, eps=float(eps), decay=float(decay),
     )
+
+
+def effective_shift(running_mean: Tensor | None, num_batches_tracked: Tensor | None,
+                    decay: float | None) -> Tensor | None:
+    """The per-channel point ``s`` the moments are taken about (float64), shared by every rank.
+
+    The running mean, bias-corrected as Adam corrects its moments: after ``k``
+    updates from 0 with keep-rate ``decay``, ``r_k = (1 − decay)·Σ decay^(k−j)·μ_j``,
+    so ``r_k / (1 − decay^k)`` is a weighted average of past batch means, within a
+    few σ of this batch's even at ``k = 1``. It is a function of the layer's
+    state_dict (``running_mean``, ``num_batches_tracked``), so ranks in step hold
+    it bitwise alike, and a resumed or unpickled layer continues bitwise. ``k``
+    is ``num_batches_tracked − 1`` (this step is already counted); without a
+    counter, or for the cumulative average (``decay=None``, already unbiased),
+    the running mean itself; non-finite values count as 0; no running mean: 0.
+    """
+    if running_mean is None:
+        return None
+    r = running_mean.detach().double()
+    r = torch.where(torch.isfinite(r), r, 0.0)
+    if num_batches_tracked is None or decay is None or decay >= 1.0:
+        return r
+    steps = (num_batches_tracked.detach() - 1).clamp_min(0).double()
+    correction = 1.0 - torch.pow(torch.full_like(steps, decay), steps)
+    return torch.where(correction > 1e-12, r / correction.clamp_min(1e-12), r)
 
 
 def synchronized_batch_norm(
@@ -172,6 +229,10 @@ def synchronized_batch_norm(
     single_value: SingleValuePolicy,
     site: _comm.CallSite | None = None,
     inplace_activation: Activation | None = None,
+    mask: Tensor | None = None,
+    call: int = -1,
+    num_batches_tracked: Tensor | None = None,
+    cumulative: bool = False,
 ) -> Tensor:
     """Training-mode normalization with batch statistics of ``process_group``.
 
@@ -182,13 +243,29 @@ def synchronized_batch_norm(
     :func:`call_site`) for its error messages. ``inplace_activation`` selects the
     in-place activated mode: the input is overwritten with ``f(BN(x))`` and only
     that output is saved; the caller checks it first (``_autograd.check_inplace``).
-    Arguments are not validated here.
+    ``call`` counts the layer's earlier training forwards (named in messages; −1
+    unknown, as under ``torch.compile``, where no Python counter may change);
+    ``num_batches_tracked`` (counted for this step already) bias-corrects the
+    shift (:func:`effective_shift`); with ``cumulative`` the running average is
+    ``decay = 1 − 1/num_batches_tracked``. Arguments are not validated here.
+    The running statistics are updated by one custom op, which skips itself
+    inside a checkpoint's recompute.
     """
-    # Function.apply is untyped in torch's stubs
     if process_group is not None and site is None:
-        site = call_site(input, "SyncBatchNorm", call=0, timeout_s=None, debug=None)
+        site = call_site(input, "SyncBatchNorm", timeout_s=None, debug=None, eps=eps,
+                         decay=decay)
+    group_name = None if process_group is None else str(process_group.group_name)
+    point = effective_shift(running_mean, num_batches_tracked, None if cumulative else decay)
+    stats, ident = global_moments(input, mask, point, group_name, site, call, single_value)
+    acc = _stats.acc_dtype(input.dtype)
+    mean = stats.mean.to(acc)
+    inv_std = _stats.invstd(stats.var, eps).to(acc)
+    # Function.apply is untyped in torch's stubs
     out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        input, weight, bias, running_mean, running_var,
-        eps, decay, unbiased_var, process_group, site, single_value, inplace_activation,
+        input, weight, bias, mask, mean, inv_std, stats.count, ident, call, group_name, site,
+        inplace_activation,
     )
+    if running_mean is not None or running_var is not None:
+        update_running_stats_(running_mean, running_var, stats.mean, stats.var, stats.count,
+                              decay, unbiased_var, num_batches_tracked if cumulative else None)
     return out

@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _checks, _comm, _stats
 from ._activation import Activation
-from ._autograd import check_inplace, is_recomputing, normalize_
+from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
 from .functional import batch_norm_train, call_site
 
 __all__ = ["SyncBatchNorm"]
@@ -67,7 +67,8 @@ class SyncBatchNorm(_BatchNorm):
     _syncbn_name: str | None
     """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
     _syncbn_calls: int
-    """Training forwards run so far on this rank (the debug fingerprint compares it)."""
+    """Training forwards run so far on this rank, in eager mode (messages name it)."""
+
     activation: Activation
     inplace: bool
     timeout: float | None
@@ -119,40 +120,53 @@ class SyncBatchNorm(_BatchNorm):
         self._syncbn_input_ndim = None
         self._syncbn_source_cls = None
         self._syncbn_name = name
-        self._syncbn_calls = 0
         self._syncbn_group_lost = False
+        self._syncbn_calls = 0
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
 
-    def forward(self, input: Tensor) -> Tensor:
-        """Normalize ``input``; in training with global batch statistics (see the class doc)."""
+    def forward(self, input: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``input``; in training with global batch statistics (see the class doc).
+
+        ``mask`` (bool, the input's shape without dim 1, True = counts) restricts the
+        training statistics to the valid positions of every rank (padded batches);
+        out of training it changes nothing.
+        """
         _checks.check_tensor(input)
         self._check_input_dim(input)
         _checks.check_channels(input, self.num_features)
-        self._syncbn_input_ndim = input.dim()
-
+        _checks.check_floating(input)
+        if not torch.compiler.is_compiling():  # for revert; compiled code writes no attribute
+            self._syncbn_input_ndim = input.dim()
         _checks.check_param_dtypes(input, self.weight, self.running_mean)
-        if self.training:  # refuse before anything is counted
-            self._check_group()
-            if self.inplace:
-                check_inplace(input, self.weight, self.activation)
-        factor = 0.0 if self.momentum is None else self.momentum
-        tracked_steps = self.num_batches_tracked
-        counting = self.training and self.track_running_stats and not is_recomputing()
-        if counting and tracked_steps is not None:
-            tracked_steps.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(tracked_steps.item())
+        _checks.check_mask(input, mask)
+        momentum = _checks.check_momentum(self.momentum, allow_none=True)
         if not self.training:
-            return self._forward_eval(input, factor)
+            return self._forward_eval(input, 0.0 if momentum is None else momentum)
+        # refuse before anything is counted
+        if not torch.compiler.is_compiling():
+            self._check_group()
+        _checks.check_train_eps(self.eps)
+        weight: Tensor | None = self.weight
+        if self.inplace:
+            weight = check_inplace(input, weight, self.bias, self.activation, self.layer_name)
         tracked = self.track_running_stats
-        site = call_site(input, self.layer_name, self._syncbn_calls, self.timeout, self.debug)
-        self._syncbn_calls += 1
+        if tracked and self.num_batches_tracked is not None:
+            count_step_(self.num_batches_tracked)
+        call = -1
+        if not torch.compiler.is_compiling():  # a Python counter would recompile every call
+            call = self._syncbn_calls
+            if not is_recomputing():
+                self._syncbn_calls += 1
+        site = call_site(input, self.layer_name, self.timeout, self.debug, eps=self.eps,
+                         decay=1.0 - (0.0 if momentum is None else momentum))
         out = batch_norm_train(
             input, self.running_mean if tracked else None, self.running_var if tracked else None,
-            self.weight, self.bias, factor, self.eps, self.process_group, site,
-            inplace_activation=self.activation if self.inplace else None,
+            weight, self.bias, momentum, self.eps, self.process_group, site,
+            inplace_activation=self.activation if self.inplace else None, mask=mask,
+            call=call,
+            num_batches_tracked=self.num_batches_tracked if tracked else None,
         )
         return out if self.inplace else self.activation.apply(out)
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import _comm
 from .._activation import Activation
-from .._autograd import inplace_blocker
+from .._autograd import inplace_blocker, inplace_weight_ok, is_recomputing
 from ..convert import replace_in_tree
 from ..functional import call_site, local_fallback_applies
 from . import _semantics
@@ -189,11 +189,12 @@ class _BatchNormBase(nn.Module):
         x = _semantics.to_channels_first(input, channel_last)
         self._check_input(x, tuple(input.shape), channel_last)
         mode = self._statistics_mode()
-        group, site = self._synchronization(x, mode)
+        group, site, call = self._synchronization(x, mode)
         y = _semantics.batch_norm(
             x, self._mean, self._variance, self.weight, self.bias, mode=mode,
             conventions=_semantics.conventions(self.momentum, self.epsilon, layer),
             process_group=group, site=site, inplace_activation=self._fused(x, mode),
+            call=call,
         )
         return _semantics.from_channels_first(y, channel_last, tuple(input.shape))
 
@@ -209,9 +210,10 @@ class _BatchNormBase(nn.Module):
 
     def _synchronization(
         self, x: Tensor, mode: StatsMode
-    ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None]:
-        """The group to take batch statistics over and its call site; local layers: none."""
-        return None, None
+    ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None, int]:
+        """The group to take batch statistics over, its call site and the call counter's
+        value; local layers: none."""
+        return None, None, -1
 
     def _check_input(self, x: Tensor, shape: tuple[int, ...], channel_last: bool) -> None:
         layer = type(self).__name__
@@ -328,7 +330,7 @@ class SyncBatchNorm(_BatchNormBase):
     _syncbn_name: str | None
     """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
     _syncbn_calls: int
-    """Synchronized forwards run so far on this rank (the debug fingerprint compares it)."""
+    """Synchronized forwards run so far on this rank, in eager mode (messages name it)."""
 
     def __init__(self, num_features: int, momentum: float = 0.9, epsilon: float = 1e-05,
                  weight_attr: object = None, bias_attr: object = None, data_format: str = "NCHW",
@@ -369,15 +371,21 @@ class SyncBatchNorm(_BatchNormBase):
 
     def _synchronization(
         self, x: Tensor, mode: StatsMode
-    ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None]:
+    ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None, int]:
         if not (self.training and mode.batch_stats):
-            return None, None  # eval never communicates
+            return None, None, -1  # eval never communicates
         group = _comm.resolve_group(self.process_group)
         if local_fallback_applies(group):
-            return None, None
-        site = call_site(x, self.layer_name, self._syncbn_calls, self.timeout, self.debug)
-        self._syncbn_calls += 1
-        return group, site
+            return None, None, -1
+        conventions = _semantics.conventions(self.momentum, self.epsilon, "SyncBatchNorm")
+        site = call_site(x, self.layer_name, self.timeout, self.debug, eps=conventions.eps,
+                         decay=conventions.decay)
+        call = -1
+        if not torch.compiler.is_compiling():  # a Python counter would recompile every call
+            call = self._syncbn_calls
+            if not is_recomputing():
+                self._syncbn_calls += 1
+        return group, site, call
 
     def extra_repr(self) -> str:
         text = super().extra_repr()
@@ -552,7 +560,8 @@ class BatchNorm(_BatchNormBase):
         activation = _semantics.fused_activation(self.act) if self.in_place else None
         if activation is None or not mode.batch_stats:
             return None
-        if inplace_blocker(x, self.weight, activation) is not None:
+        if inplace_blocker(x, activation) is not None or not inplace_weight_ok(
+                x, self.weight, self.bias):
             return None
         self._fused_last = True
         return activation

@@ -360,6 +360,7 @@ def batch_norm(
     process_group: _comm.ProcessGroup | None = None,
     site: _comm.CallSite | None = None,
     inplace_activation: Activation | None = None,
+    call: int = -1,
 ) -> Tensor:
     """Paddle-convention batch normalization of a channels-first ``input`` (C at dim 1).
 
@@ -383,7 +384,7 @@ def batch_norm(
         input, running_mean if update else None, running_var if update else None, weight, bias,
         eps=conventions.eps, decay=conventions.decay, unbiased_var=UNBIASED_RUNNING_VAR,
         process_group=process_group, single_value=SINGLE_VALUE, site=site,
-        inplace_activation=inplace_activation,
+        inplace_activation=inplace_activation, call=call,
     )
 
 
