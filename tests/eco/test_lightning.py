@@ -22,7 +22,8 @@ TIMEOUT_S = 150.0
 
 @pytest.fixture(scope="module")
 def reference() -> dict[str, torch.Tensor]:
-    net = th.train_reference(th.build_net(torch.float64), th.dataset(torch.float64), epochs=2)
+    data = th.dataset(torch.float64)
+    net = th.train_reference(th.build_net(torch.float64), data, th.global_batches(data, epochs=2))
     return net.state_dict()
 
 

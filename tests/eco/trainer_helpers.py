@@ -72,11 +72,12 @@ def loss_of(net: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(net(images), labels)
 
 
-def train_reference(net: nn.Module, data: TensorDataset, epochs: int) -> nn.Module:
-    """The oracle: plain SGD in one process on each step's global batch."""
+def train_reference(net: nn.Module, data: TensorDataset,
+                    batches: Sequence[Sequence[int]]) -> nn.Module:
+    """The oracle: plain SGD in one process, one step on each global batch of indices."""
     optimizer = torch.optim.SGD(net.parameters(), lr=LR)
     net.train()
-    for batch in global_batches(data, epochs):
+    for batch in batches:
         images, labels = data[batch]
         optimizer.zero_grad()
         loss_of(net, images, labels).backward()
