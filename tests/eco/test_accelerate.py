@@ -19,7 +19,7 @@ SCRIPT = th.HERE / "accelerate_parity.py"
 
 @pytest.mark.slow
 def test_accelerate_recipe_matches_one_process_on_the_global_batch(tmp_path: Path) -> None:
-    th.run_script([str(SCRIPT), str(tmp_path)], timeout_s=120, env=th.loopback_env())
+    th.run_script([str(SCRIPT), str(tmp_path)], timeout_s=180, env=th.loopback_env())
     data = th.dataset(torch.float64)
     # accelerate's sharding: step t takes the loader's batches 2t (rank 0) and 2t + 1 (rank 1)
     global_batch = th.WORLD_SIZE * th.PER_RANK
