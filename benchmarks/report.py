@@ -1,6 +1,6 @@
 """Print a benchmark result as Markdown tables: ``python benchmarks/report.py RESULT.json``.
 
-The tables of ``benchmarks/README.md`` come from this (``syncbn._bench.format_markdown``).
+The tables of ``benchmarks/README.md`` come from this (``syncbn.cli.bench.format_markdown``).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from syncbn._bench import format_markdown, format_table
+from syncbn.cli.bench import format_markdown, format_table
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:

@@ -46,7 +46,7 @@ def world_of_one() -> Iterator[None]:
 @pytest.fixture
 def fake_torchrun(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """This process as rank 0 of a one-rank torchrun job; the group is gone afterwards."""
-    from syncbn import _launch
+    from syncbn.cli import launch as _launch
 
     if dist.is_initialized():
         pytest.skip("this process already has a process group")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from syncbn import _bench
+from syncbn.cli import bench as _bench
 from syncbn.functional import synchronized_batch_norm
 
 TINY_SHAPES = ("4x8x5x5", "4x8x5x5:cl", "16x12")

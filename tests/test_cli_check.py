@@ -10,7 +10,7 @@ import torch
 
 import syncbn
 from cli_helpers import listening_port, run_syncbn
-from syncbn import _check
+from syncbn.cli import check as _check
 from syncbn.cli import main
 
 N_CASES = len(_check.cases())

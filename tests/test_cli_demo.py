@@ -14,7 +14,7 @@ import torch
 
 import syncbn
 from cli_helpers import listening_port, png_size, run_syncbn
-from syncbn import _demo
+from syncbn.cli import demo as _demo
 from syncbn.cli import main
 
 DEMO_EXTRAS = ("sklearn", "matplotlib", "tqdm")
@@ -168,7 +168,7 @@ def test_library_imports_without_demo_extras(tmp_path: Path) -> None:
         "import sys\n"
         "for name in ('sklearn', 'matplotlib', 'tqdm'):\n"
         "    sys.modules[name] = None  # as if not installed\n"
-        "import syncbn, syncbn.cli, syncbn._demo, syncbn._check, syncbn._launch\n"
+        "import syncbn, syncbn.cli, syncbn.cli.demo, syncbn.cli.check, syncbn.cli.launch\n"
         "sys.exit(syncbn.cli.main(['demo', '--help']))\n"
     )
     run = subprocess.run(

@@ -1,4 +1,4 @@
-"""``syncbn._launch``: spawned ranks report, fail fast and never hang; torchrun and port checks."""
+"""``syncbn.cli.launch``: spawned ranks report, fail fast, never hang; torchrun and port checks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch.distributed as dist
 
 from cli_helpers import listening_port
-from syncbn import _launch
-from syncbn._launch import DistEnv, LaunchError, UsageError
+from syncbn.cli import launch as _launch
+from syncbn.cli.launch import DistEnv, LaunchError, UsageError
 
 # Rank bodies: module level, so the spawned ranks import them by name.
 

@@ -51,8 +51,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from . import _launch
-from ._launch import DistEnv, UsageError
+from . import launch as _launch
+from .launch import DistEnv, UsageError
 
 __all__ = ["DemoConfig", "UsageError", "build_net", "load_digits", "run_demo", "sample_order"]
 

@@ -1,7 +1,7 @@
 """The ``syncbn`` command line: ``syncbn demo`` and ``syncbn check``.
 
 Also ``python -m syncbn``. This module parses and dispatches only; the work is
-in :mod:`syncbn._demo`, :mod:`syncbn._check` and :mod:`syncbn._launch`.
+in :mod:`syncbn.cli.demo`, :mod:`syncbn.cli.check` and :mod:`syncbn.cli.launch`.
 
 Exit codes: 0 success; 1 a mismatch was found, or a rank failed; 2 bad
 options or environment (the message says what was expected and how to fix it).
@@ -59,7 +59,7 @@ def _add_group_options(parser: argparse.ArgumentParser, default_nproc: str) -> N
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``syncbn`` argument parser with its ``demo`` and ``check`` subcommands."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(
         prog="syncbn",
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--iters", type=int, default=20,
         help="timed forward+backward iterations per layer; 0 skips timing (default: 20)",
     )
-    # listed for --help; its own options are parsed by syncbn._bench (see main)
+    # listed for --help; its own options are parsed by syncbn.cli.bench (see main)
     commands.add_parser(
         "bench", add_help=False,
         help="benchmark syncbn against local BatchNorm and a naive SyncBN (JSON); "
@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``syncbn`` command line; return the exit code (see the module doc)."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["bench"]:
-        from . import _bench
+        from . import bench as _bench
 
         return _bench.main(args_list[1:])
     parser = build_parser()
@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
 
-    from ._launch import LaunchError, UsageError
+    from .launch import LaunchError, UsageError
 
     try:
         if args.command == "demo":
@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import DemoConfig, run_demo
+    from .demo import DemoConfig, run_demo
 
     return run_demo(
         DemoConfig(
@@ -180,7 +180,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ._check import CheckConfig, run_check
+    from .check import CheckConfig, run_check
 
     return run_check(
         CheckConfig(

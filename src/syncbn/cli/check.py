@@ -33,8 +33,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _launch
-from ._launch import DistEnv
+from . import launch as _launch
+from .launch import DistEnv
 
 __all__ = ["TOLERANCE", "Case", "CheckConfig", "cases", "run_check", "shard_sizes"]
 

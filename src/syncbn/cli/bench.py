@@ -49,9 +49,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _autograd, _comm, _launch, _stats
-from .functional import call_site
-from .modules import SyncBatchNorm
+from .. import _autograd, _comm, _stats
+from ..functional import call_site
+from ..modules import SyncBatchNorm
+from . import launch as _launch
 
 __all__ = ["BenchConfig", "ShapeSpec", "main", "parse_shape", "run_bench"]
 
@@ -747,7 +748,7 @@ def _git_commit() -> str | None:
 
 def environment(config: BenchConfig) -> dict[str, Any]:
     """What the figures depend on: versions, backend, device, cores, world sizes."""
-    from . import __version__
+    from .. import __version__
 
     affinity = getattr(os, "sched_getaffinity", None)
     cpus = os.cpu_count() or 1
@@ -902,7 +903,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
     """Spawn each world size's ranks in turn, gather their summaries, evaluate the targets.
 
     Raises:
-        syncbn._launch.LaunchError: a rank failed (its traceback is in the message).
+        syncbn.cli.launch.LaunchError: a rank failed (its traceback is in the message).
     """
     runs = []
     config.out.parent.mkdir(parents=True, exist_ok=True)
