@@ -427,15 +427,15 @@ def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
     - ``fwd_local_moments``: :func:`_stats.local_moments` (torch's statistics kernel
       with float32 scratch buffers where :func:`_stats.torch_stats_kernel_applies`,
       else two reductions) and :func:`_stats.pack_local_moments`;
-    - ``fwd_all_reduce``: :func:`_comm.reduce_forward` (``2C + 2`` float64 values:
-      the moments and the step key, whose sum is read back and checked on CPU);
+    - ``fwd_all_reduce``: :func:`_comm.all_reduce_checked` (``2C + 2`` float64 values:
+      the moments, the count and the step key, whose sum is read back and checked on CPU);
     - ``fwd_merge_stats``: :func:`_stats.merge_global_moments`, the running-statistics
       update (:func:`_stats.update_running_stats`, on scratch buffers), ``μ`` and
       ``invstd`` in the accumulation dtype;
     - ``fwd_normalize``: :func:`_autograd.normalize` (torch's inference BN kernel);
     - ``bwd_grad_sums``: :func:`_autograd.local_grad_sums` (torch's backward
       reduction kernel) and the float64 packing of ``[Σdy, Σdy·x̂]``;
-    - ``bwd_all_reduce``: :func:`_comm.reduce_backward` (``2C`` float64 values);
+    - ``bwd_all_reduce``: :func:`_comm.all_reduce_checked` (``2C + 2`` float64 values);
     - ``bwd_dx``: :func:`_stats.input_grad_coefficients` and :func:`_autograd.input_grad`
       (one affine pass plus a multiply-add in float32/float64, two affine passes for
       16-bit inputs).
@@ -448,16 +448,17 @@ def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
     eps = layer.eps
     weight = layer.weight.detach()
     bias = layer.bias.detach()
-    site = call_site(xd, layer.layer_name, 0, layer.timeout, layer.debug)
+    site = call_site(xd, layer.layer_name, layer.timeout, layer.debug)
+    name = str(group.group_name)
     moments = _stats.local_moments(xd)
     packed = _stats.pack_local_moments(moments)
-    reduced = _comm.reduce_forward(packed.clone(), group, site)
+    reduced = _comm.all_reduce_checked(packed, name, site, "forward", 0, xd.shape)
     stats = _stats.merge_global_moments(reduced)
     acc = _stats.acc_dtype(xd.dtype)
     mean = stats.mean.to(acc)
     inv_std = _stats.invstd(stats.var, eps).to(acc)
     sums = _autograd.local_grad_sums(dy, xd, mean, inv_std)
-    grad_packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat]).double()
+    grad_packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat, sums.sum_dy.new_zeros(2)]).double()
     scratch_mean = torch.zeros(layer.num_features)
     scratch_var = torch.ones(layer.num_features)
 
@@ -465,7 +466,7 @@ def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
         return _stats.pack_local_moments(_stats.local_moments(xd))
 
     def fwd_all_reduce() -> object:
-        return _comm.reduce_forward(packed.clone(), group, site)
+        return _comm.all_reduce_checked(packed, name, site, "forward", 0, xd.shape)
 
     def fwd_merge_stats() -> object:
         merged = _stats.merge_global_moments(reduced)
@@ -477,13 +478,13 @@ def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
 
     def bwd_grad_sums() -> object:
         local = _autograd.local_grad_sums(dy, xd, mean, inv_std)
-        return torch.cat([local.sum_dy, local.sum_dy_xhat]).double()
+        return torch.cat([local.sum_dy, local.sum_dy_xhat, local.sum_dy.new_zeros(2)]).double()
 
     def bwd_all_reduce() -> object:
-        return _comm.reduce_backward(grad_packed.clone(), group, site)
+        return _comm.all_reduce_checked(grad_packed, name, site, "backward", 0, xd.shape)
 
     def bwd_dx() -> object:
-        global_sums = _stats.GradSums(*grad_packed.to(mean.dtype).chunk(2))
+        global_sums = _stats.GradSums(*grad_packed[:-2].to(mean.dtype).chunk(2))
         a, b, c = _stats.input_grad_coefficients(global_sums, stats.count, mean, inv_std, weight)
         return _autograd.input_grad(xd, dy, a, b, c)
 
