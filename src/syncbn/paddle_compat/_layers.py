@@ -456,7 +456,8 @@ class SyncBatchNorm(_BatchNormBase):
 class BatchNorm(_BatchNormBase):
     """Paddle's old-style ``paddle.nn.BatchNorm``: any rank 2–5, an activation, test flags.
 
-    The N-d base with C at dim 1 (``data_layout='NCHW'``) or last (``'NHWC'``) for
+    The N-d base with C at dim 1 (``data_layout='NCHW'``) or last (``'NHWC'``; in any
+    letter case, ``'nhwc'`` too, as Paddle's operator upper-cases it) for
     any input rank 2–5, ``act`` applied to the normalized output in training and
     eval, parameters of ``dtype``, and the statistics chosen as Paddle's operator
     does (``_semantics.statistics_mode``):
