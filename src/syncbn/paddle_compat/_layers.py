@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import _comm
 from .._activation import Activation
 from .._autograd import inplace_blocker
+from .._pickling import GroupPicklingMixin, check_group_travelled
 from ..convert import replace_in_tree
 from ..functional import call_site, local_fallback_applies
 from . import _semantics
@@ -288,9 +289,10 @@ class BatchNorm3D(_BatchNormBase):
 
 
 _CONVERTIBLE = (BatchNorm1D, BatchNorm2D, BatchNorm3D)
+_RECONVERT = "SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)"
 
 
-class SyncBatchNorm(_BatchNormBase):
+class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
     """As the N-d base, with the statistics of the whole batch over every rank of a group.
 
     In training, μ and σ² are taken over every value of the channel on every rank
@@ -316,6 +318,10 @@ class SyncBatchNorm(_BatchNormBase):
     default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
     fingerprint of layer, call, channels and dtype across ranks first; default
     ``SYNCBN_DEBUG``).
+
+    ``copy.deepcopy`` shares a custom ``process_group``; pickling (``torch.save``)
+    drops it, and the unpickled layer's next synchronized forward says so until a
+    group is set again (``syncbn._pickling``).
     """
 
     _layout = LAYOUT_SYNC
@@ -372,6 +378,7 @@ class SyncBatchNorm(_BatchNormBase):
     ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None]:
         if not (self.training and mode.batch_stats):
             return None, None  # eval never communicates
+        check_group_travelled(self, self.layer_name, _RECONVERT)
         group = _comm.resolve_group(self.process_group)
         if local_fallback_applies(group):
             return None, None
