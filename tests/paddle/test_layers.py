@@ -568,6 +568,8 @@ CONSTRUCTION_ERRORS = {
                       r"got str"),
     "timeout": (lambda: SyncBatchNorm(3, timeout=0), ValueError,
                 r"SyncBatchNorm: expected timeout to be a positive number of seconds"),
+    "timeout-nan": (lambda: SyncBatchNorm(3, timeout=float("nan")), ValueError,
+                    r"SyncBatchNorm: expected timeout to be a positive number .*got nan"),
 }
 
 

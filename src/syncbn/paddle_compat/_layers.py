@@ -349,8 +349,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
             )
         _check_flag(track_running_stats, "SyncBatchNorm", "track_running_stats")
         _comm.check_group_arg(process_group)
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool)  # `not > 0`: NaN too
+                                    or not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ValueError(
                 f"SyncBatchNorm: expected timeout to be a positive number of seconds or None "
                 f"(the group's own timeout), got {timeout!r}. Fix: pass e.g. timeout=60."
