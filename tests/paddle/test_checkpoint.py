@@ -361,3 +361,24 @@ def test_large_real_arrays_stay_within_the_bound(tmp_path: Path, protocol: int) 
     state = load_pdparams(_write(tmp_path, arrays, protocol))
     for key, array in arrays.items():
         assert torch.equal(state[key], torch.from_numpy(array))
+
+
+class _UnfilledArray:
+    """Pickles as numpy's ``_reconstruct(ndarray, shape, 'b')`` with no state to fill it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __reduce__(self) -> tuple[object, ...]:
+        reconstruct, args, _ = np.zeros(1).__reduce__()
+        return reconstruct, (args[0], (self.size,), args[2])
+
+
+def test_array_allocated_but_never_filled_is_refused(tmp_path: Path) -> None:
+    small = _write(tmp_path, {"w": _UnfilledArray(16)}, name="small.pdparams")
+    with pytest.raises(ValueError, match=r"entry 'w' of .* values the file never gives .* "
+                                         r"uninitialized memory"):
+        load_pdparams(small)
+    large = _write(tmp_path, {"w": _UnfilledArray(1 << 26)}, name="large.pdparams")
+    with pytest.raises(ValueError, match=r"builds more than .* while allocating an array"):
+        load_pdparams(large)

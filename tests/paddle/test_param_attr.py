@@ -393,3 +393,11 @@ def test_paddle_layer_with_new_tensor_initializer() -> None:
     assert torch.equal(layer.weight.detach(), torch.full((4,), 2.0))
     with pytest.raises(ValueError, match=r"returned None and did not write"):
         BatchNorm2D(4, bias_attr=ParamAttr(initializer=lambda t: None))
+
+
+def test_initializers_on_the_meta_device() -> None:
+    from syncbn.paddle_compat import BatchNorm2D
+
+    with torch.device("meta"):
+        layer = BatchNorm2D(4, weight_attr=ParamAttr(initializer=lambda t: torch.ones_like(t)))
+    assert layer.weight.is_meta and layer.bias.is_meta

@@ -26,6 +26,7 @@ numpy is needed only here, and imported only when a file is read.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import pickle
 from collections import OrderedDict
@@ -149,7 +150,13 @@ def _allowed_globals(np: ModuleType, budget: _Budget, source: str) -> dict[tuple
         budget.charge(len(text), "decoding a byte string")
         return codecs_encode(text, encoding, *errors)
 
-    def reconstruct_pending(subtype: object, *args: object) -> _PendingArray:
+    def reconstruct_pending(subtype: object, *args: Any) -> _PendingArray:
+        # numpy's pickles allocate shape (0,) here; a larger shape is memory too
+        try:
+            empty = math.prod(args[0]) * np.dtype(args[1]).itemsize
+        except Exception:  # malformed: numpy's own error comes at BUILD
+            empty = 0
+        budget.charge(int(empty), "allocating an array")
         return _PendingArray(lambda: reconstruct(subtype, *args), budget)
 
     def scalar(dtype: Any, *args: object) -> Any:
@@ -197,14 +204,16 @@ _TORCH_DTYPES = (
 )
 
 
-def _unwrap(value: object) -> object:
-    if isinstance(value, _PendingArray):
-        return value.array
-    return value
-
-
 def _to_tensor(np: ModuleType, key: str, value: object, source: str, budget: _Budget) -> Tensor:
-    value = _unwrap(value)
+    if isinstance(value, _PendingArray):
+        if value.array is None:
+            raise ValueError(
+                f"load_pdparams: entry {key!r} of {source} is an array whose values the file "
+                "never gives (numpy's _reconstruct without the state that fills it), so it "
+                "would be uninitialized memory. Fix: pass a file written by "
+                "paddle.save(layer.state_dict(), path)."
+            )
+        value = value.array
     if isinstance(value, np.generic):
         value = np.asarray(value)
     if not isinstance(value, np.ndarray):

@@ -360,7 +360,8 @@ def run_initializer(initializer: InitializerLike, data: Tensor, who: str) -> Non
     expected = f"shape {tuple(data.shape)} and dtype {data.dtype}"
     if result is None:
         untouched = version is not None and data._version == version
-        if untouched and (not sentinel or bool(torch.isnan(data).all())):
+        readable = sentinel and not data.is_meta
+        if untouched and (not readable or bool(torch.isnan(data).all())):
             raise ValueError(
                 f"{who} ({initializer!r}) returned None and did not write to the tensor it "
                 "was given, so the parameter would hold no values. Fix: fill the tensor in "
