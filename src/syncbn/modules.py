@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -13,12 +12,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import _checks, _comm, _stats
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
+from ._pickling import GroupPicklingMixin, check_group_travelled
 from .functional import batch_norm_train, call_site
 
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     r"""Batch normalization over the global batch of a process group, on any device and backend.
 
     Same constructor, parameters, buffers and ``state_dict`` keys as
@@ -172,13 +172,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def _check_group(self) -> None:
         """The layer's group must be usable; errors name the layer."""
-        if self.process_group is None and getattr(self, "_syncbn_group_lost", False):
-            raise ValueError(
-                f"{_comm.layer_label(self.layer_name)} was unpickled, and its process group could "
-                "not travel with it (process groups belong to one process); set "
-                "layer.process_group (torch.distributed.group.WORLD for the default group), "
-                "or call syncbn.convert_sync_batchnorm(model, process_group) again"
-            )
+        check_group_travelled(self, self.layer_name,
+                              "syncbn.convert_sync_batchnorm(model, process_group)")
         _comm.resolve_group(self.process_group, who=_comm.layer_label(self.layer_name))
 
     def _forward_eval(self, input: Tensor, factor: float) -> Tensor:
@@ -197,24 +192,6 @@ class SyncBatchNorm(_BatchNorm):
         out = F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
                            no_buffers, factor, self.eps)
         return self.activation.apply(out)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickling drops a custom process group (it cannot leave its process) and says so."""
-        # nn.Module's __getstate__/__setstate__ are untyped in torch
-        state = dict(super().__getstate__())  # type: ignore[no-untyped-call]
-        if state.get("process_group") is not None:
-            state["process_group"] = None
-            state["_syncbn_group_lost"] = True
-        return state
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
-        """A deep copy (e.g. an EMA model) shares the process group and copies the rest."""
-        if self.process_group is not None:
-            memo[id(self.process_group)] = self.process_group
-        copied = self.__class__.__new__(self.__class__)
-        memo[id(self)] = copied
-        copied.__setstate__(copy.deepcopy(dict(self.__dict__), memo))  # type: ignore[no-untyped-call]
-        return copied
 
     @property
     def layer_name(self) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
+import re
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -265,3 +267,118 @@ def test_shape_mismatch_is_explained() -> None:
 def test_transpose_needs_2d() -> None:
     with pytest.raises(ValueError, match=r"cannot transpose 'rect.bias' of shape \(2,\)"):
         paddle_to_torch_state_dict({"rect.bias": torch.zeros(2)}, Head(), transpose=["rect.bias"])
+
+
+# --- pickles that expand: memo references, shared buffers, codecs, non-numeric arrays -------
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_array_referenced_many_times_is_built_once(tmp_path: Path, protocol: int) -> None:
+    # the issue's 10 MB file referencing one array 2000 times, scaled down: 512 KiB x 64
+    array = np.arange(1 << 16, dtype=np.float64)
+    state = load_pdparams(_write(tmp_path, {f"k{i}": array for i in range(64)}, protocol))
+    assert len(state) == 64
+    assert all(tensor is state["k0"] for tensor in state.values())
+    assert torch.equal(state["k0"], torch.from_numpy(array))
+
+
+class _ArrayOnSharedBytes:
+    """Pickles as a numpy array whose raw bytes are one object shared by every instance."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    def __reduce__(self) -> tuple[object, ...]:
+        reconstruct, args, state = np.zeros(1).__reduce__()
+        shape = (len(self.raw) // 8,)
+        return reconstruct, args, (state[0], shape, np.dtype(np.float64), False, self.raw)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_distinct_arrays_on_one_stored_buffer_are_refused(tmp_path: Path, protocol: int) -> None:
+    raw = np.arange(1 << 15, dtype=np.float64).tobytes()  # 256 KiB, stored once in the file
+    path = _write(tmp_path, {f"k{i}": _ArrayOnSharedBytes(raw) for i in range(64)}, protocol)
+    assert path.stat().st_size < 2 * len(raw)  # 64 arrays (16 MiB) from a 0.5 MiB file
+    with pytest.raises(ValueError, match=r"builds more than \d+ bytes \(4 × its \d+ bytes "
+                                         r"\+ 1 MiB\) while rebuilding an array: it references "
+                                         r"the same data many times.*Fix: load only files"):
+        load_pdparams(path)
+
+
+def _encode_bomb(copies: int, length: int) -> bytes:
+    """Protocol 2: ``{k0: encode(s, 'latin1'), k1: <the same call>, ...}``, ``s`` stored once."""
+    def text(value: bytes) -> bytes:
+        return b"X" + len(value).to_bytes(4, "little") + value
+
+    out = b"\x80\x02}q\x00(" + text(b"k0") + b"c_codecs\nencode\nq\x01"
+    out += text(b"a" * length) + b"q\x02" + text(b"latin1") + b"q\x03\x86R"
+    for i in range(1, copies):
+        out += text(f"k{i}".encode()) + b"h\x01h\x02h\x03\x86R"
+    return out + b"u."
+
+
+def test_one_stored_string_decoded_many_times_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.pdparams"
+    path.write_bytes(_encode_bomb(copies=64, length=1 << 18))
+    with pytest.raises(ValueError, match=r"builds more than .* while decoding a byte string"):
+        load_pdparams(path)
+
+
+class _Encode:
+    def __init__(self, codec: str) -> None:
+        self.codec = codec
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return codecs.encode, ("abc", self.codec)
+
+
+@pytest.mark.parametrize("codec", ["no-such-codec", "rot13", "utf-16"])
+def test_codec_other_than_latin1_is_a_clear_error(tmp_path: Path, codec: str) -> None:
+    path = _write(tmp_path, {"w": _Encode(codec)}, protocol=2)
+    with pytest.raises(ValueError, match=rf"asks to encode with codec '{codec}'; a file written "
+                                         r"by paddle.save only uses 'latin1'"):
+        load_pdparams(path)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.array(["a", "bc"]), np.array([b"a"]), np.array(["2024-01-01"], dtype="datetime64[D]"),
+     np.zeros(2, dtype="V4"), np.zeros(2, dtype=np.longdouble)],
+    ids=["str", "bytes", "datetime64", "void", "longdouble"],
+)
+def test_non_numeric_array_is_a_clear_error(tmp_path: Path, array: np.ndarray) -> None:
+    path = _write(tmp_path, {"ok": np.zeros(1), "w": array})
+    dtype = re.escape(str(array.dtype))
+    with pytest.raises(ValueError, match=rf"entry 'w' of .* array of dtype {dtype}.*"
+                                         r"supported: bool, int8.*Fix: save"):
+        load_pdparams(path)
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_large_real_arrays_stay_within_the_bound(tmp_path: Path, protocol: int) -> None:
+    # protocol 2 stores bytes as latin1 text: the file is 1-2x the data, decoding copies it once
+    arrays = {f"w{i}": np.random.default_rng(i).standard_normal(1 << 19) for i in range(3)}
+    state = load_pdparams(_write(tmp_path, arrays, protocol))
+    for key, array in arrays.items():
+        assert torch.equal(state[key], torch.from_numpy(array))
+
+
+class _UnfilledArray:
+    """Pickles as numpy's ``_reconstruct(ndarray, shape, 'b')`` with no state to fill it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __reduce__(self) -> tuple[object, ...]:
+        reconstruct, args, _ = np.zeros(1).__reduce__()
+        return reconstruct, (args[0], (self.size,), args[2])
+
+
+def test_array_allocated_but_never_filled_is_refused(tmp_path: Path) -> None:
+    small = _write(tmp_path, {"w": _UnfilledArray(16)}, name="small.pdparams")
+    with pytest.raises(ValueError, match=r"entry 'w' of .* values the file never gives .* "
+                                         r"uninitialized memory"):
+        load_pdparams(small)
+    large = _write(tmp_path, {"w": _UnfilledArray(1 << 26)}, name="large.pdparams")
+    with pytest.raises(ValueError, match=r"builds more than .* while allocating an array"):
+        load_pdparams(large)

@@ -251,6 +251,29 @@ def test_old_batchnorm_nhwc_on_any_rank(shape: tuple[int, ...]) -> None:
     torch.testing.assert_close(nhwc._variance, nchw._variance, **F64)
 
 
+@pytest.mark.parametrize("layout", ["nhwc", "Nhwc", "nchw"])
+def test_old_batchnorm_data_layout_in_any_case(layout: str) -> None:
+    # real Paddle: BatchNorm(3, data_layout='nhwc') trains on a (4, 5, 5, 3) input
+    layer = _init(BatchNorm(3, data_layout=layout))
+    upper = _init(BatchNorm(3, data_layout=layout.upper()))
+    x = _data((4, 5, 5, 3) if layout.upper() == "NHWC" else (4, 3, 5, 5),
+              channel_dim=-1 if layout.upper() == "NHWC" else 1)
+    torch.testing.assert_close(layer(x), upper(x), rtol=0, atol=0)
+    torch.testing.assert_close(layer._variance, upper._variance, rtol=0, atol=0)
+    assert layer.data_layout == layout  # kept as given, as Paddle does
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: BatchNorm1D(3, data_format="nlc"), lambda: BatchNorm2D(3, data_format="nhwc"),
+     lambda: BatchNorm3D(3, data_format="ndhwc"), lambda: SyncBatchNorm(3, data_format="nchw")],
+    ids=["1d", "2d", "3d", "sync"],
+)
+def test_new_layers_data_format_is_case_sensitive(make: Callable[[], object]) -> None:
+    with pytest.raises(ValueError, match=r"Did you mean '(NLC|NHWC|NDHWC|NCHW)'\?"):
+        make()
+
+
 def test_old_batchnorm_dtype_is_the_parameter_dtype() -> None:
     assert BatchNorm(3).weight.dtype == torch.float32
     layer = BatchNorm(3, dtype="float64")
@@ -545,6 +568,8 @@ CONSTRUCTION_ERRORS = {
                       r"got str"),
     "timeout": (lambda: SyncBatchNorm(3, timeout=0), ValueError,
                 r"SyncBatchNorm: expected timeout to be a positive number of seconds"),
+    "timeout-nan": (lambda: SyncBatchNorm(3, timeout=float("nan")), ValueError,
+                    r"SyncBatchNorm: expected timeout to be a positive number .*got nan"),
 }
 
 

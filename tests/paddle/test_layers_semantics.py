@@ -99,6 +99,11 @@ LAYOUTS = {
     "sync-NCL": (LAYOUT_SYNC, "NCL", False),
     "sync-NDHWC": (LAYOUT_SYNC, "NDHWC", True),
     "old-NHWC": (LAYOUT_BATCHNORM, "NHWC", True),
+    # Paddle's old BatchNorm hands data_layout to its C++ operator, which upper-cases it
+    "old-nhwc": (LAYOUT_BATCHNORM, "nhwc", True),
+    "old-Nhwc": (LAYOUT_BATCHNORM, "Nhwc", True),
+    "old-nchw": (LAYOUT_BATCHNORM, "nchw", False),
+    "old-nChW": (LAYOUT_BATCHNORM, "nChW", False),
 }
 
 
@@ -118,8 +123,19 @@ def test_layout_channel_axis(rule: LayoutRule, fmt: str, last: bool) -> None:
         (LAYOUT_SYNC, "CHWN", r"SyncBatchNorm: expected NCDHW, NDHWC, NCL, NLC, NC, NCHW or NHWC "
                               r"for data_format, got 'CHWN'"),
         (LAYOUT_BATCHNORM, "NDHWC", r"BatchNorm: expected NCHW or NHWC for data_layout"),
+        (LAYOUT_BATCHNORM, "nhwc_", r"BatchNorm: expected NCHW or NHWC for data_layout, got "
+                                    r"'nhwc_'\. Did you mean 'NHWC'\? Fix: pass one of 'NCHW', "
+                                    r"'NHWC' in any letter case"),
+        # the case-insensitivity is ASCII's, as C's toupper: a dotless ı is no i
+        (LAYOUT_BATCHNORM, "nchw\u0131", r"BatchNorm: expected NCHW or NHWC"),
+        # 1D/2D/3D and SyncBatchNorm compare with == in Python: the case matters there
+        (LAYOUT_1D, "nlc", r"BatchNorm1D: expected NC, NCL or NLC for data_format, got 'nlc'"),
+        (LAYOUT_3D, "ndhwc", r"BatchNorm3D: expected NCDHW or NDHWC for data_format"),
+        (LAYOUT_SYNC, "nhwc", r"SyncBatchNorm: expected .* for data_format, got 'nhwc'\. "
+                              r"Did you mean 'NHWC'\? Fix: pass one of 'NCDHW'.*'NHWC' \("),
     ],
-    ids=["1d", "2d-lowercase", "3d", "sync", "old"],
+    ids=["1d", "2d-lowercase", "3d", "sync", "old", "old-typo", "old-non-ascii", "1d-lowercase",
+         "3d-lowercase", "sync-lowercase"],
 )
 def test_layout_rejects_unknown_format(rule: LayoutRule, fmt: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):

@@ -314,3 +314,90 @@ def test_named_param_attrs_takes_a_later_owners_record() -> None:
     plain.bias = inner.weight  # first seen on `plain`, which has no record
     rows = {name: attr for name, _, attr in named_param_attrs(nn.Sequential(plain, inner))}
     assert rows["0.bias"] == ParamAttr(learning_rate=0.5)
+
+
+# --- what a callable initializer may return ---------------------------------------------------
+
+
+def _fill_returns_none(tensor: torch.Tensor) -> None:
+    tensor.fill_(3.0)
+
+
+def _fill_through_data(tensor: torch.Tensor) -> None:
+    tensor.data.fill_(4.0)  # moves no version counter
+
+
+def _fill_returns_view(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.fill_(5.0).unsqueeze(0)
+
+
+@pytest.mark.parametrize(
+    ("initializer", "value"),
+    [
+        (_fill_returns_none, 3.0),
+        (_fill_through_data, 4.0),
+        (_fill_returns_view, 5.0),
+        (lambda t: torch.full(t.shape, 6.0, dtype=t.dtype), 6.0),  # a new tensor: copied in
+        (lambda t: t.fill_(7.0), 7.0),
+        (lambda t: nn.init.constant_(t, 8.0), 8.0),
+    ],
+    ids=["in-place-None", "via-.data", "view", "new-tensor", "returns-self", "nn.init"],
+)
+def test_callable_initializer_results_fill_the_parameter(initializer: object, value: float) -> None:
+    layer = Shell(weight_attr=ParamAttr(initializer=initializer))  # type: ignore[arg-type]
+    assert torch.equal(layer.weight.detach(), torch.full((3,), value, dtype=torch.float64))
+
+
+def test_new_tensor_from_initializer_is_a_copy() -> None:
+    made: list[torch.Tensor] = []
+
+    def fresh(tensor: torch.Tensor) -> torch.Tensor:
+        made.append(torch.arange(3, dtype=tensor.dtype))
+        return made[-1]
+
+    layer = Shell(weight_attr=fresh)
+    made[0].zero_()  # the parameter does not alias the returned tensor
+    assert layer.weight.tolist() == [0.0, 1.0, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("initializer", "error", "match"),
+    [
+        (lambda t: None, ValueError,
+         r"initializer of 'weight' \(.*\) returned None and did not write to the tensor it was "
+         r"given.*Fix: fill the tensor in place .* or return a new tensor of shape \(3,\) and "
+         r"dtype torch\.float64"),
+        (lambda t: torch.ones(4, dtype=t.dtype), ValueError,
+         r"initializer of 'weight' .* returned a tensor of shape \(4,\); expected shape \(3,\) "
+         r"and dtype torch\.float64"),
+        (lambda t: torch.ones(3, dtype=torch.float32), TypeError,
+         r"returned a torch\.float32 tensor; expected shape \(3,\) and dtype torch\.float64.*"
+         r"Fix: return result\.to\(torch\.float64\)"),
+        (lambda t: [1.0, 1.0, 1.0], TypeError,
+         r"returned a list; expected None or a torch\.Tensor"),
+        (lambda t: 1.0, TypeError, r"returned a float; expected None or a torch\.Tensor"),
+    ],
+    ids=["None-unwritten", "wrong-shape", "wrong-dtype", "list", "float"],
+)
+def test_callable_initializer_bad_results_are_clear_errors(
+    initializer: object, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        Shell(weight_attr=ParamAttr(initializer=initializer))  # type: ignore[arg-type]
+
+
+def test_paddle_layer_with_new_tensor_initializer() -> None:
+    from syncbn.paddle_compat import BatchNorm2D
+
+    layer = BatchNorm2D(4, weight_attr=ParamAttr(initializer=lambda t: torch.full_like(t, 2.0)))
+    assert torch.equal(layer.weight.detach(), torch.full((4,), 2.0))
+    with pytest.raises(ValueError, match=r"returned None and did not write"):
+        BatchNorm2D(4, bias_attr=ParamAttr(initializer=lambda t: None))
+
+
+def test_initializers_on_the_meta_device() -> None:
+    from syncbn.paddle_compat import BatchNorm2D
+
+    with torch.device("meta"):
+        layer = BatchNorm2D(4, weight_attr=ParamAttr(initializer=lambda t: torch.ones_like(t)))
+    assert layer.weight.is_meta and layer.bias.is_meta

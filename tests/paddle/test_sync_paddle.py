@@ -221,3 +221,61 @@ def test_process_group_keyword_selects_the_ranks() -> None:
     torch.testing.assert_close(results[2]["y"], alone, **F64)
     torch.testing.assert_close(results[1]["mean"], pair_mean, **F64)
     torch.testing.assert_close(results[2]["mean"], alone_mean, **F64)
+
+
+# --- copies of a layer that holds a process group ------------------------------------------
+
+
+def _copies_of_grouped_layer() -> dict[str, Any]:
+    import copy
+    import io
+    import pickle
+
+    from torch import nn
+
+    group = dist.new_group([0, 1])
+    layer = SyncBatchNorm(3, process_group=group).double()
+    rank = dist.get_rank()
+    x = torch.arange(24, dtype=torch.float64).view(8, 3) ** 1.5
+    out: dict[str, Any] = {}
+    clone = copy.deepcopy(nn.Sequential(layer))[0]
+    out["deepcopy_shares_group"] = clone.process_group is group
+    out["deepcopy_new_params"] = clone.weight is not layer.weight
+    out["clone_y"] = clone(x[4 * rank: 4 * rank + 4]).detach()  # trains over the shared group
+    restored = pickle.loads(pickle.dumps(layer))
+    out["pickled_group"] = restored.process_group
+    out["original_keeps_group"] = layer.process_group is group
+    buffer = io.BytesIO()
+    torch.save(nn.Sequential(layer), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=False)[0]
+    for name, copied in (("pickled", restored), ("saved", saved)):
+        try:
+            copied(x[:4])
+            out[f"{name}_error"] = "no error"
+        except ValueError as error:
+            out[f"{name}_error"] = str(error)
+    restored.eval()
+    restored(x[:4])  # eval needs no group
+    saved.process_group = group  # setting a group again clears the condition
+    out["regrouped_y"] = saved(x[4 * rank: 4 * rank + 4]).detach()
+    return out
+
+
+def test_deepcopy_shares_the_group_and_pickling_says_it_dropped_it() -> None:
+    results = harness.run_ranks(2, _copies_of_grouped_layer)
+    x = torch.arange(24, dtype=torch.float64).view(8, 3) ** 1.5
+    ones, zeros = torch.ones(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    expected, _, _ = reference(x, ones, zeros, zeros, ones)
+    for result in results:
+        assert result["deepcopy_shares_group"] and result["deepcopy_new_params"]
+        assert result["original_keeps_group"]
+        assert result["pickled_group"] is None
+        for name in ("pickled", "saved"):
+            assert result[f"{name}_error"].startswith(
+                "SyncBatchNorm(3) was unpickled, and its process group could not travel with "
+                "it"), result[f"{name}_error"]
+            assert result[f"{name}_error"].endswith(
+                "or call SyncBatchNorm.convert_sync_batchnorm(model, process_group=group) again")
+    for key in ("clone_y", "regrouped_y"):
+        torch.testing.assert_close(torch.cat([r[key] for r in results]), expected, **F64)

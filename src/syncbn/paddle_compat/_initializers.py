@@ -137,8 +137,10 @@ def _checked_fan(fan: float, what: str, owner: str, tensor: Tensor) -> float:
 class Initializer:
     """Base class: ``init(tensor)`` fills ``tensor`` in place and returns it.
 
-    Subclasses implement ``_fill``. Any other callable ``f(tensor)`` that fills a
-    tensor in place is accepted wherever an initializer is.
+    Subclasses implement ``_fill``. Any other callable ``f(tensor)`` is accepted
+    wherever an initializer is, if it fills ``tensor`` in place or returns a new
+    tensor of ``tensor``'s shape and dtype (copied in); anything else is an error
+    when the parameter is created (``_param_attr.run_initializer``).
     """
 
     def __call__(self, tensor: Tensor) -> Tensor:

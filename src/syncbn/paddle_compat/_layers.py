@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from .. import _comm
 from .._activation import Activation
 from .._autograd import inplace_blocker, inplace_weight_ok, is_recomputing
+from .._pickling import GroupPicklingMixin, check_group_travelled
 from ..convert import replace_in_tree
 from ..functional import call_site, local_fallback_applies
 from . import _semantics
@@ -290,9 +291,10 @@ class BatchNorm3D(_BatchNormBase):
 
 
 _CONVERTIBLE = (BatchNorm1D, BatchNorm2D, BatchNorm3D)
+_RECONVERT = "SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)"
 
 
-class SyncBatchNorm(_BatchNormBase):
+class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
     """As the N-d base, with the statistics of the whole batch over every rank of a group.
 
     In training, μ and σ² are taken over every value of the channel on every rank
@@ -318,6 +320,10 @@ class SyncBatchNorm(_BatchNormBase):
     default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
     fingerprint of layer, call, channels and dtype across ranks first; default
     ``SYNCBN_DEBUG``).
+
+    ``copy.deepcopy`` shares a custom ``process_group``; pickling (``torch.save``)
+    drops it, and the unpickled layer's next synchronized forward says so until a
+    group is set again (``syncbn._pickling``).
     """
 
     _layout = LAYOUT_SYNC
@@ -345,8 +351,8 @@ class SyncBatchNorm(_BatchNormBase):
             )
         _check_flag(track_running_stats, "SyncBatchNorm", "track_running_stats")
         _comm.check_group_arg(process_group)
-        if timeout is not None and (isinstance(timeout, bool)
-                                    or not isinstance(timeout, (int, float)) or timeout <= 0):
+        if timeout is not None and (isinstance(timeout, bool)  # `not > 0`: NaN too
+                                    or not isinstance(timeout, (int, float)) or not timeout > 0):
             raise ValueError(
                 f"SyncBatchNorm: expected timeout to be a positive number of seconds or None "
                 f"(the group's own timeout), got {timeout!r}. Fix: pass e.g. timeout=60."
@@ -374,6 +380,8 @@ class SyncBatchNorm(_BatchNormBase):
     ) -> tuple[_comm.ProcessGroup | None, _comm.CallSite | None, int]:
         if not (self.training and mode.batch_stats):
             return None, None, -1  # eval never communicates
+        if not torch.compiler.is_compiling():
+            check_group_travelled(self, self.layer_name, _RECONVERT)
         group = _comm.resolve_group(self.process_group)
         if local_fallback_applies(group):
             return None, None, -1
@@ -464,7 +472,8 @@ class SyncBatchNorm(_BatchNormBase):
 class BatchNorm(_BatchNormBase):
     """Paddle's old-style ``paddle.nn.BatchNorm``: any rank 2–5, an activation, test flags.
 
-    The N-d base with C at dim 1 (``data_layout='NCHW'``) or last (``'NHWC'``) for
+    The N-d base with C at dim 1 (``data_layout='NCHW'``) or last (``'NHWC'``; in any
+    letter case, ``'nhwc'`` too, as Paddle's operator upper-cases it) for
     any input rank 2–5, ``act`` applied to the normalized output in training and
     eval, parameters of ``dtype``, and the statistics chosen as Paddle's operator
     does (``_semantics.statistics_mode``):

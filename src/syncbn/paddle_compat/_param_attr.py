@@ -51,10 +51,13 @@ __all__ = [
     "get_param_attr",
     "named_param_attrs",
     "resolve_param_attr",
+    "run_initializer",
 ]
 
 InitializerLike = Callable[[Tensor], object]
-"""An initializer: fills the tensor it is given in place (its return value is ignored)."""
+"""An initializer ``f(tensor)``: fills ``tensor`` in place and returns None or ``tensor``,
+or returns a new tensor of the same shape and dtype, which is copied in (see
+:func:`create_parameter`)."""
 
 PARAM_ATTRS_ATTRIBUTE = "_paddle_param_attrs"
 """Name of the ``dict[str, ParamAttr]`` attribute that records attrs on a module."""
@@ -116,8 +119,9 @@ class ParamAttr:
     Attributes:
         name: Paddle's parameter name; kept for reference, torch names parameters by
             attribute path.
-        initializer: fills the parameter in place; any :class:`Initializer` or a
-            callable ``f(tensor)``. None means the layer's default.
+        initializer: any :class:`Initializer`, or a callable ``f(tensor)`` that fills
+            ``tensor`` in place or returns a new tensor of its shape and dtype (see
+            :func:`create_parameter`). None means the layer's default.
         learning_rate: multiplies the optimizer's learning rate for this parameter.
         regularizer: :class:`L1Decay` / :class:`L2Decay`; overrides the optimizer's
             ``weight_decay`` for this parameter, as in Paddle.
@@ -182,7 +186,8 @@ def _check_initializer(value: object, where: str) -> None:
         )
     if not callable(value):
         raise TypeError(
-            f"{where}: expected an initializer (a callable that fills a tensor in place), "
+            f"{where}: expected an initializer (a callable that fills a tensor in place "
+            "or returns a new one), "
             f"got {type(value).__name__} ({value!r}). Fix: pass e.g. Constant(1.0)."
         )
 
@@ -302,19 +307,22 @@ def create_parameter(
     """Build the parameter ``spec`` describes, register it as ``module.<name>``, record its attr.
 
     When ``spec.create`` is False, registers ``None`` (as torch does for an absent
-    affine parameter) and returns None. Otherwise creates an uninitialized tensor of
-    ``shape``, fills it with ``spec.initializer`` under ``torch.no_grad()``, sets
-    ``requires_grad=spec.trainable``, registers it and calls :func:`attach_param_attr`.
+    affine parameter) and returns None. Otherwise creates a tensor of ``shape``,
+    fills it with ``spec.initializer`` under ``torch.no_grad()`` (see
+    :func:`run_initializer`), sets ``requires_grad=spec.trainable``, registers it and
+    calls :func:`attach_param_attr`.
 
     Raises:
-        ValueError: the initializer changed the tensor's shape.
+        ValueError: the initializer changed the tensor's shape, left it unwritten, or
+            returned a tensor of another shape.
+        TypeError: the initializer returned something other than None or a tensor of
+            the parameter's dtype.
     """
     if not spec.create:
         module.register_parameter(name, None)
         return None
     data = torch.empty(tuple(shape), dtype=dtype, device=device)
-    with torch.no_grad():
-        spec.initializer(data)
+    run_initializer(spec.initializer, data, f"create_parameter: the initializer of {name!r}")
     if tuple(data.shape) != tuple(shape):
         raise ValueError(
             f"create_parameter: the initializer of {name!r} changed its shape from "
@@ -325,6 +333,70 @@ def create_parameter(
     module.register_parameter(name, param)
     attach_param_attr(module, name, spec.attr)
     return param
+
+
+def run_initializer(initializer: InitializerLike, data: Tensor, who: str) -> None:
+    """Fill ``data`` with ``initializer(data)``, under ``torch.no_grad()``; never leave it unset.
+
+    The initializer may (a) fill ``data`` in place and return None or a view of it
+    (``data`` itself, ``data.data``, ``data.view(...)``), as :class:`Initializer` and
+    ``torch.nn.init.*_`` do; or (b) return a **new** tensor, which must have
+    ``data``'s shape and dtype and is copied into ``data`` (any device). Returning
+    None without writing to ``data`` is an error: a floating ``data`` is pre-filled
+    with NaN, and "unwritten" means its version counter did not move and it is still
+    all NaN (a write through ``tensor.data`` moves no counter but changes the values).
+
+    Raises:
+        ValueError: None came back and ``data`` was not written, or the tensor that
+            came back has another shape.
+        TypeError: neither None nor a tensor came back, or a tensor of another dtype.
+    """
+    sentinel = data.is_floating_point() or data.is_complex()
+    with torch.no_grad():
+        if sentinel:
+            data.fill_(math.nan)
+        version = None if data.is_inference() else data._version
+        result = initializer(data)
+    expected = f"shape {tuple(data.shape)} and dtype {data.dtype}"
+    if result is None:
+        untouched = version is not None and data._version == version
+        readable = sentinel and not data.is_meta
+        if untouched and (not readable or bool(torch.isnan(data).all())):
+            raise ValueError(
+                f"{who} ({initializer!r}) returned None and did not write to the tensor it "
+                "was given, so the parameter would hold no values. Fix: fill the tensor in "
+                f"place (e.g. tensor.fill_(1.0), torch.nn.init.normal_(tensor)) or return a "
+                f"new tensor of {expected}."
+            )
+        return
+    if not isinstance(result, Tensor):
+        raise TypeError(
+            f"{who} ({initializer!r}) returned a {type(result).__name__}; expected None or "
+            f"a torch.Tensor (the tensor it filled in place, or a new one of {expected}). "
+            "Fix: fill the tensor in place and return it, or return torch.as_tensor(...)."
+        )
+    if result is data or _same_memory(result, data):
+        return
+    if result.shape != data.shape:
+        raise ValueError(
+            f"{who} ({initializer!r}) returned a tensor of shape {tuple(result.shape)}; "
+            f"expected {expected} (the parameter's). Fix: return a tensor of shape "
+            f"{tuple(data.shape)}, e.g. torch.randn(tensor.shape, dtype=tensor.dtype)."
+        )
+    if result.dtype != data.dtype:
+        raise TypeError(
+            f"{who} ({initializer!r}) returned a {result.dtype} tensor; expected {expected} "
+            f"(the parameter's). Fix: return result.to({data.dtype}), or create it with "
+            "dtype=tensor.dtype."
+        )
+    with torch.no_grad():
+        data.copy_(result)
+
+
+def _same_memory(a: Tensor, b: Tensor) -> bool:
+    """Whether ``a`` is a view of ``b``'s memory (``b.data``, ``b.view(...)``): filled in place."""
+    return a.device == b.device and (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 def attach_param_attr(module: nn.Module, name: str, attr: ParamAttr) -> None:

@@ -162,6 +162,11 @@ class LayoutRule:
         ranks: accepted input ranks.
         shapes: the accepted shapes, in words, for messages.
         argument: the argument's name (the old ``BatchNorm`` calls it ``data_layout``).
+        any_case: ASCII letter case is ignored. True only for the old ``BatchNorm``,
+            whose ``data_layout`` goes straight to Paddle's C++ operator, which
+            upper-cases it (``StringToDataLayout``): ``'nhwc'`` and ``'Nchw'`` work
+            there. ``BatchNorm1D/2D/3D`` and ``SyncBatchNorm`` compare ``data_format``
+            with ``==`` in Python first, so there the case matters.
     """
 
     layer: str
@@ -170,6 +175,7 @@ class LayoutRule:
     ranks: tuple[int, ...]
     shapes: str
     argument: str = "data_format"
+    any_case: bool = False
 
     def channel_last(self, data_format: object) -> bool:
         """Whether ``data_format`` puts C last (True) or at dim 1 (False).
@@ -187,15 +193,18 @@ class LayoutRule:
                 f"{type(data_format).__name__} ({data_format!r}). "
                 f"Fix: pass {self.argument}={self.documented[0]!r}."
             )
-        if data_format not in self.formats:
+        # bytes.upper() changes ASCII letters only, as C's toupper in Paddle's operator
+        key = data_format.encode().upper().decode() if self.any_case else data_format
+        if key not in self.formats:
             close = difflib.get_close_matches(data_format.upper(), self.documented, n=1)
             hint = f"Did you mean {close[0]!r}? " if close else ""
+            case = " in any letter case" if self.any_case else ""
             raise ValueError(
                 f"{self.layer}: expected {listed} for {self.argument}, got {data_format!r}. "
-                f"{hint}Fix: pass one of {', '.join(map(repr, self.documented))} "
+                f"{hint}Fix: pass one of {', '.join(map(repr, self.documented))}{case} "
                 f"({self.shapes})."
             )
-        return self.formats[data_format]
+        return self.formats[key]
 
     def check_rank(self, ndim: int) -> None:
         """Raise Paddle's ``ValueError`` ("expected 4D input (got 3D input)") plus the fix."""
@@ -255,6 +264,7 @@ LAYOUT_BATCHNORM = LayoutRule(
     (2, 3, 4, 5),
     _ANY_RANK + " ('NHWC')",
     argument="data_layout",
+    any_case=True,  # Paddle's operator upper-cases data_layout: 'nhwc' works
 )
 
 
