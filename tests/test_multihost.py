@@ -10,8 +10,13 @@ store, ``is_host=1``), gloo bound to the veth with ``GLOO_SOCKET_IFNAME``,
 
 Checked: ``python -m syncbn check`` across the hosts (4 ranks); a short DDP
 training run over both hosts equals the same run with 4 processes on one host,
-bit for bit; and with the link cut mid-training, every rank on both hosts ends
-within ``SYNCBN_TIMEOUT`` + 60 s, naming ``SyncBatchNormError``.
+bit for bit; and with the link cut mid-training (``ip link set sbnveth1 down``
+after every rank has done 5 steps; ``SYNCBN_TIMEOUT=10``, the group's timeout
+left at torch's 30 min, no DDP), every rank on both hosts raises
+``SyncBatchNormError`` and ends within ``SYNCBN_TIMEOUT`` + 60 s, and host 0's
+torchrun exits non-zero. Host 1's torchrun is not waited for: after the cut its
+elastic agent blocks on the rendezvous store it can no longer reach, whatever
+its ranks do (the teardown kills it).
 
 Needs root and ``ip`` (skipped otherwise, with that reason). Whatever happens,
 the teardown kills every process inside the namespaces (``ip netns pids``) and
