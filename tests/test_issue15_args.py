@@ -20,13 +20,11 @@ from torch import nn
 import harness
 import syncbn
 
-fixed_in_core = pytest.mark.xfail(strict=True, reason="fixed in the core by the lead")
 
 
 # --- integer input: the fix hint must be one that works -------------------------------------
 
 
-@fixed_in_core
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8])
 def test_integer_input_hint_is_one_that_works(dtype: torch.dtype) -> None:
     layer = syncbn.SyncBatchNorm(3)
@@ -54,7 +52,6 @@ TORCH_LEGAL_MOMENTA = {
 }
 
 
-@fixed_in_core
 @pytest.mark.parametrize("make", TORCH_LEGAL_MOMENTA.values(), ids=TORCH_LEGAL_MOMENTA.keys())
 def test_momentum_accepted_like_torch(make: Any) -> None:
     torch.manual_seed(0)
@@ -105,14 +102,12 @@ def _assert_works_or_clear_value_error(outcome: str, named: str) -> None:
     assert named in outcome and "timeout" in outcome.lower(), outcome
 
 
-@fixed_in_core
 def test_infinite_timeout_argument() -> None:
     # today: OverflowError from timedelta(seconds=inf) inside the collective
     for outcome in harness.run_ranks(2, _forward_with_timeout, float("inf"), None, timeout=60):
         _assert_works_or_clear_value_error(outcome, "inf")
 
 
-@fixed_in_core
 def test_huge_timeout_environment_variable() -> None:
     # today: SYNCBN_TIMEOUT=1e10 makes the very first collective report "timed out" at once
     for outcome in harness.run_ranks(2, _forward_with_timeout, None, "1e10", timeout=60):
