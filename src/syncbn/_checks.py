@@ -56,12 +56,13 @@ def check_channels(input: Tensor, num_features: int | None) -> None:
         )
 
 
-def check_floating(input: Tensor) -> None:
-    """Batch normalization needs a floating-point input."""
+def check_floating(input: Tensor, layer_dtype: torch.dtype = torch.float32) -> None:
+    """Batch normalization needs a floating-point input (the fix names the layer's dtype)."""
     if not input.is_floating_point():
         raise TypeError(
             "SyncBatchNorm expected a floating-point input (float16, bfloat16, float32 "
-            f"or float64), got {input.dtype}; convert it with input.float()"
+            f"or float64), got {input.dtype}; convert it with input.to({layer_dtype}) "
+            "(the layer's dtype)"
         )
 
 

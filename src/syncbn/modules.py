@@ -136,7 +136,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         _checks.check_tensor(input)
         self._check_input_dim(input)
         _checks.check_channels(input, self.num_features)
-        _checks.check_floating(input)
+        _checks.check_floating(input, next((t.dtype for t in (self.weight, self.running_mean)
+                                             if t is not None), torch.float32))
         if not torch.compiler.is_compiling():  # for revert; compiled code writes no attribute
             self._syncbn_input_ndim = input.dim()
         _checks.check_param_dtypes(input, self.weight, self.running_mean)
