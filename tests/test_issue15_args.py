@@ -20,8 +20,6 @@ from torch import nn
 import harness
 import syncbn
 
-
-
 # --- integer input: the fix hint must be one that works -------------------------------------
 
 
