@@ -251,10 +251,11 @@ def test_every_converted_layer_is_a_torch_batchnorm() -> None:
 
 
 @pytest.mark.parametrize(("make", "problem"), [
-    (lambda: _FrozenBN(4), r"has its own forward, which a SyncBatchNorm would not run"),
-    (lambda: _ExtraBuffer(4), r"has parameters or buffers that differ from BatchNorm's \(scale\)"),
+    (lambda: _FrozenBN(4), r"class has its own forward, which a SyncBatchNorm would not run"),
+    (lambda: _ExtraBuffer(4),
+     r"class has parameters or buffers that differ from BatchNorm's \(scale\)"),
     (lambda: parametrize.register_parametrization(nn.BatchNorm1d(4), "weight", nn.Identity()),
-     r"is parametrized"),
+     r"layer is parametrized"),
 ], ids=["own-forward", "extra-buffer", "parametrized"])
 def test_refuses_what_would_compute_differently_and_changes_nothing(
         make: Callable[[], nn.Module], problem: str) -> None:
@@ -265,12 +266,21 @@ def test_refuses_what_would_compute_differently_and_changes_nothing(
     state = model.state_dict(keep_vars=True)
     with pytest.raises(ValueError, match=(
             rf"cannot convert '1\.block\.1' \({cls.__module__}\.{cls.__qualname__}\): the "
-            rf"class {problem}.*Fix: register how to convert it with "
+            rf"{problem}.*Fix: register how to convert it with "
             rf"syncbn\.register_conversion\({cls.__name__}, to_sync=\.\.\., to_plain=\.\.\.\).*"
             r"Nothing was converted")):
         syncbn.convert_sync_batchnorm(model)
     assert model[0] is first and model[1]["block"][1] is odd  # untouched
     assert all(model.state_dict(keep_vars=True)[k] is v for k, v in state.items())
+
+
+def test_refuses_a_forward_replaced_on_the_instance() -> None:
+    layer = nn.BatchNorm1d(3)
+    layer.forward = lambda x: x  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"cannot convert '0' \(torch\.nn\.modules\.batchnorm\."
+                                         r"BatchNorm1d\): the layer's forward was replaced on "
+                                         r"the instance"):
+        syncbn.convert_sync_batchnorm(nn.Sequential(layer))
 
 
 def test_refuses_a_bare_layer_by_root() -> None:

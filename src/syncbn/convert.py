@@ -276,20 +276,21 @@ def _check_stock(layer: _BatchNorm, where: str) -> None:
     cls = type(layer)
     params, buffers = set(layer._parameters), set(layer._buffers)
     if cls.forward not in _STOCK_FORWARDS:
-        problem = "has its own forward, which a SyncBatchNorm would not run"
+        problem = "class has its own forward, which a SyncBatchNorm would not run"
+    elif "forward" in vars(layer):
+        problem = "layer's forward was replaced on the instance; a SyncBatchNorm would not run it"
     elif parametrize.is_parametrized(layer):
-        problem = "is parametrized (torch.nn.utils.parametrize), which a SyncBatchNorm would drop"
+        problem = "layer is parametrized (torch.nn.utils.parametrize), which would be dropped"
     elif params != _PARAMETERS or buffers != _BUFFERS:
         odd = sorted(params ^ _PARAMETERS) + sorted(buffers ^ _BUFFERS)
-        problem = (f"has parameters or buffers that differ from BatchNorm's ({', '.join(odd)}), "
-                   "so the state_dict would change")
+        problem = (f"class has parameters or buffers that differ from BatchNorm's "
+                   f"({', '.join(odd)}), so the state_dict would change")
     else:
         return
     raise ValueError(
-        f"convert_sync_batchnorm cannot convert {where} ({_qualname(cls)}): the class "
-        f"{problem}. Fix: register how to convert it with "
-        f"{_REGISTER_HINT.format(cls=cls.__name__)}, or replace that layer yourself before "
-        "converting. Nothing was converted."
+        f"convert_sync_batchnorm cannot convert {where} ({_qualname(cls)}): the {problem}. "
+        f"Fix: register how to convert it with {_REGISTER_HINT.format(cls=cls.__name__)}, or "
+        "replace that layer yourself before converting. Nothing was converted."
     )
 
 
