@@ -20,7 +20,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 import harness
@@ -161,10 +161,10 @@ def _setup_case(setup: str, sizes: list[int]) -> dict[str, Any]:
     counters = torch._dynamo.utils.counters
     counters.clear()
     if setup == "ddp-of-compiled":
-        ddp = DDP(torch.compile(model, fullgraph=True))
+        ddp = DistributedDataParallel(torch.compile(model, fullgraph=True))
         outs = _run_steps(ddp, ddp, inputs)
     elif setup == "compiled-ddp":  # DDPOptimizer splits the graph at bucket boundaries
-        ddp = DDP(model)
+        ddp = DistributedDataParallel(model)
         compiled = torch.compile(ddp)
         outs = _run_steps(ddp, compiled, inputs)
     else:
@@ -256,7 +256,7 @@ def _variants_case() -> dict[str, Any]:
             if grads:
                 out_e.square().sum().backward()
                 out_c.square().sum().backward()
-        for (name, a), (_, b) in zip(eager.state_dict().items(),
+        for (_name, a), (_, b) in zip(eager.state_dict().items(),
                                      compiled_from.state_dict().items(), strict=True):
             worst = max(worst, (a.double() - b.double()).abs().max().item())
         if grads:

@@ -6,6 +6,7 @@ Torch flavour here; Paddle flavour in :mod:`syncbn.paddle_compat`.
 from . import functional as functional
 from ._comm import SyncBatchNormError as SyncBatchNormError
 from .convert import convert_sync_batchnorm as convert_sync_batchnorm
+from .convert import register_conversion as register_conversion
 from .convert import revert_sync_batchnorm as revert_sync_batchnorm
 from .modules import SyncBatchNorm as SyncBatchNorm
 
@@ -17,5 +18,6 @@ __all__ = [
     "__version__",
     "convert_sync_batchnorm",
     "functional",
+    "register_conversion",
     "revert_sync_batchnorm",
 ]

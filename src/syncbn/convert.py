@@ -4,61 +4,228 @@ Both directions share the parameter and buffer *tensors* with the layer they
 replace (as ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does), so an
 optimizer built before the swap keeps working, ``requires_grad``, device and
 dtype are untouched, and a round trip is lossless.
+
+Conversion never silently changes what a model computes. A layer is converted by
+the first rule that applies:
+
+1. a registered conversion for its exact class (:func:`register_conversion`;
+   built in, when timm is importable: timm's ``BatchNormAct2d`` and
+   ``SyncBatchNormAct``, see :mod:`syncbn.integrations.timm`);
+2. ``torch.nn.SyncBatchNorm`` and any ``_BatchNorm`` subclass that runs the stock
+   forward (BatchNorm1d/2d/3d, Lightning's and mmengine's ``_BatchNormXd``, a
+   subclass that only changes ``__init__``): a plain :class:`SyncBatchNorm`;
+3. any other ``_BatchNorm`` subclass (its own ``forward``, extra parameters or
+   buffers, a parametrization): ``ValueError`` naming the path, the class and the
+   fix. The whole tree is checked (and every new layer built) before the first
+   layer is replaced, so a call that raises leaves the model untouched.
+
+Built-in rules for third-party libraries are registered lazily: ``import syncbn``
+never imports them. When the converter meets a ``_BatchNorm`` subclass without a
+rule whose class lives in a package listed in ``_INTEGRATIONS`` (``timm.*``), it
+imports that integration module, which registers its rules (that package is
+importable then: the model's class came from it), and looks again.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from . import _comm
 from .modules import SyncBatchNorm
 
-__all__ = ["convert_sync_batchnorm", "revert_sync_batchnorm"]
+__all__ = [
+    "convert_sync_batchnorm",
+    "plain_layer_like",
+    "register_conversion",
+    "revert_sync_batchnorm",
+    "sync_layer_like",
+]
 
-_CONVERTIBLE = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+ToSync = Callable[[nn.Module, "_comm.ProcessGroup | None"], SyncBatchNorm]
+"""``to_sync(layer, process_group)``: a new SyncBatchNorm (or subclass) computing as ``layer``."""
+ToPlain = Callable[[SyncBatchNorm], nn.Module]
+"""``to_plain(sync_layer)``: a new layer of the original class that computes as ``sync_layer``."""
+
+_S = TypeVar("_S", bound=SyncBatchNorm)
+_B = TypeVar("_B", bound=_BatchNorm)
+
 _BY_NDIM: dict[int, type[_BatchNorm]] = {
     2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d,
 }
+_STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+_PARAMETERS = {"weight", "bias"}
+_BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
+_HOOK_DICTS = tuple(name for name in vars(nn.Module()) if "hook" in name)
+"""nn.Module's per-instance hook registries; they move with the tensors."""
+_INTEGRATIONS = {"timm": "syncbn.integrations.timm"}
+"""Top-level package of a layer's class → the syncbn module that registers its rules."""
+_REGISTER_HINT = (
+    "syncbn.register_conversion({cls}, to_sync=..., to_plain=...) (see docs/converting.md)"
+)
 
 
-def _move_state(source: _BatchNorm, target: _BatchNorm) -> _BatchNorm:
-    """Give ``target`` the very parameter and buffer tensors of ``source``, its mode and qconfig."""
-    target.weight = source.weight
-    target.bias = source.bias
-    target.running_mean = source.running_mean
-    target.running_var = source.running_var
-    target.num_batches_tracked = source.num_batches_tracked
+@dataclass(frozen=True)
+class _Rule:
+    to_sync: ToSync
+    to_plain: ToPlain
+
+
+_RULES: dict[type[nn.Module], _Rule] = {}
+
+
+def register_conversion(source_cls: type[nn.Module], *, to_sync: ToSync, to_plain: ToPlain,
+                        replace: bool = True) -> None:
+    """Teach :func:`convert_sync_batchnorm` to convert layers of exactly ``source_cls``.
+
+    ``to_sync(layer, process_group)`` returns a new :class:`SyncBatchNorm` (or a
+    subclass) that computes what ``layer`` computes, sharing its tensors
+    (:func:`sync_layer_like` does the sharing); ``layer`` itself must not be
+    changed. The converter then records the path and ``source_cls`` on it and
+    moves ``layer``'s children onto it. ``to_plain(sync_layer)`` is the way back,
+    used by :func:`revert_sync_batchnorm` (:func:`plain_layer_like` helps); the
+    children move back the same way. Subclasses of ``source_cls`` are not matched:
+    each class gets its own rule.
+
+    ``replace=False`` keeps a rule already registered for ``source_cls`` (the
+    built-in integrations register that way, so a user's rule always wins).
+
+    Raises:
+        TypeError: ``source_cls`` is not an ``nn.Module`` subclass, or a function
+            is not callable.
+    """
+    if not (isinstance(source_cls, type) and issubclass(source_cls, nn.Module)):
+        raise TypeError(
+            f"register_conversion expected source_cls to be an nn.Module subclass, got "
+            f"{source_cls!r}; pass the class itself, e.g. register_conversion(MyBatchNorm, ...)"
+        )
+    for arg, value in (("to_sync", to_sync), ("to_plain", to_plain)):
+        if not callable(value):
+            raise TypeError(
+                f"register_conversion expected {arg} to be callable, got "
+                f"{type(value).__name__}; pass a function, e.g. {arg}=lambda layer, ...: ..."
+            )
+    if replace or source_cls not in _RULES:
+        _RULES[source_cls] = _Rule(to_sync, to_plain)
+
+
+def _rule_for(cls: type[nn.Module]) -> _Rule | None:
+    """The registered rule for exactly ``cls``, loading the integration of its package once."""
+    rule = _RULES.get(cls)
+    if rule is None:
+        integration = _INTEGRATIONS.get(cls.__module__.partition(".")[0])
+        if integration is not None:
+            importlib.import_module(integration)  # registers its rules on import
+            rule = _RULES.get(cls)
+    return rule
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _move_state(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the very parameter and buffer tensors of ``source``, its mode, qconfig
+    and hooks."""
+    for name in _PARAMETERS:
+        setattr(target, name, getattr(source, name))
+    for name in _BUFFERS:
+        setattr(target, name, getattr(source, name))
     target.train(source.training)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
-    return target
+    for name in _HOOK_DICTS:
+        if name in vars(source):
+            setattr(target, name, vars(source)[name])
+
+
+def sync_layer_like(layer: _BatchNorm, process_group: _comm.ProcessGroup | None = None,
+                    cls: type[_S] = SyncBatchNorm) -> _S:  # type: ignore[assignment]
+    """A new ``cls`` with ``layer``'s hyper-parameters, its very tensors, mode and hooks.
+
+    ``cls`` takes SyncBatchNorm's constructor arguments. The group is
+    ``process_group``, else ``layer.process_group`` when it has one (a
+    ``torch.nn.SyncBatchNorm``), else the world. ``layer`` is not changed.
+    """
+    group = process_group if process_group is not None else getattr(
+        layer, "process_group", None)
+    output = cls(layer.num_features, layer.eps, layer.momentum, layer.affine,
+                 layer.track_running_stats, group, device="meta")
+    _move_state(layer, output)
+    return output
+
+
+def plain_layer_like(layer: SyncBatchNorm, cls: type[_B]) -> _B:
+    """A new ``cls`` (a ``_BatchNorm`` subclass) with ``layer``'s hyper-parameters and tensors.
+
+    ``cls`` is built with ``(num_features, eps, momentum, affine,
+    track_running_stats, device=...)``; a class with another constructor is built
+    with its BatchNorm1d/2d/3d base's (BatchNorm2d's if it has none); both run the
+    stock forward. ``layer`` is not changed.
+    """
+    args = (layer.num_features, layer.eps, layer.momentum, layer.affine,
+            layer.track_running_stats)
+    output: _B
+    try:
+        output = cls(*args, device="meta")
+    except TypeError:  # a subclass with its own constructor: use its BatchNorm base
+        base = next((c for c in cls.__mro__ if c in _BY_NDIM.values()), nn.BatchNorm2d)
+        output = base(*args, device="meta")
+    _move_state(layer, output)
+    return output
+
+
+# --- convert -------------------------------------------------------------------------------
 
 
 def convert_sync_batchnorm(
     module: nn.Module, process_group: _comm.ProcessGroup | None = None
 ) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d and ``torch.nn.SyncBatchNorm`` in ``module``'s tree.
+    """Replace every BatchNorm layer of ``module``'s tree by a :class:`SyncBatchNorm`.
 
-    Returns ``module`` with the layers replaced in place, or the new layer when
-    ``module`` itself is one. Layers that already are :class:`syncbn.SyncBatchNorm`
-    stay, and take ``process_group`` when one is given. Each converted layer
-    records its path in the tree (``"layer1.0.bn1"``) so errors can name it.
+    What is converted, and what is refused, is in this module's docstring. Returns
+    ``module`` with the layers replaced in place, or the new layer when ``module``
+    itself is one. Layers that already are :class:`syncbn.SyncBatchNorm` stay, and
+    take ``process_group`` when one is given. Each converted layer records its path
+    in the tree (``"layer1.0.bn1"``) so errors can name it, and the class it
+    replaced, which :func:`revert_sync_batchnorm` restores. A layer shared by
+    several parents stays one (shared) layer.
 
     Raises:
-        TypeError: ``module`` is not an ``nn.Module``, or ``process_group`` is not
-            a ProcessGroup.
-        ValueError: a lazy BatchNorm has not been initialized yet.
+        TypeError: ``module`` is not an ``nn.Module``, ``process_group`` is not a
+            ProcessGroup, or a registered ``to_sync`` returned no SyncBatchNorm.
+        ValueError: a lazy BatchNorm has not been initialized yet, or a layer's
+            class cannot be converted without changing what it computes. Nothing
+            was changed then.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(
             f"convert_sync_batchnorm expected an nn.Module, got {type(module).__name__}"
         )
     _comm.check_group_arg(process_group)
-    return replace_in_tree(module, lambda layer, path: _convert_one(layer, process_group, path))
+    new: dict[int, SyncBatchNorm] = {}
+    for path, layer in module.named_modules():  # build everything before changing anything
+        if not isinstance(layer, SyncBatchNorm):
+            built = _convert_one(layer, process_group, path)
+            if built is not None:
+                new[id(layer)] = built
+
+    def replace(layer: nn.Module, path: str) -> nn.Module:
+        if isinstance(layer, SyncBatchNorm):
+            if process_group is not None:
+                layer.process_group = process_group
+            layer._syncbn_name = layer._syncbn_name or path or None
+            return layer
+        return new.get(id(layer), layer)
+
+    return replace_in_tree(module, replace)
 
 
 def replace_in_tree(module: nn.Module, replace: Callable[[nn.Module, str], nn.Module],
@@ -75,73 +242,107 @@ def replace_in_tree(module: nn.Module, replace: Callable[[nn.Module, str], nn.Mo
     return output
 
 
-def _convert_one(module: nn.Module, process_group: _comm.ProcessGroup | None,
-                 path: str) -> nn.Module:
-    if isinstance(module, SyncBatchNorm):
-        if process_group is not None:
-            module.process_group = process_group
-        module._syncbn_name = module._syncbn_name or path or None
-        return module
-    if isinstance(module, LazyModuleMixin) and isinstance(module, _BatchNorm):
+def _convert_one(layer: nn.Module, process_group: _comm.ProcessGroup | None,
+                 path: str) -> SyncBatchNorm | None:
+    """The new layer for ``layer``, None to keep it; raises when it cannot be converted."""
+    cls = type(layer)
+    where = f"'{path or '<root>'}'"
+    if isinstance(layer, LazyModuleMixin) and isinstance(layer, _BatchNorm):
         raise ValueError(
-            f"convert_sync_batchnorm got an uninitialized {type(module).__name__} at "
-            f"'{path or '<root>'}': its number of channels is not known yet; run one "
-            "forward pass first"
+            f"convert_sync_batchnorm got an uninitialized {cls.__name__} at {where}: its "
+            "number of channels is not known yet; run one forward pass first"
         )
-    if not isinstance(module, _CONVERTIBLE):
-        return module
-    # a torch.nn.SyncBatchNorm keeps its own group unless one is given
-    group = process_group if process_group is not None else getattr(
-        module, "process_group", None)
-    layer = SyncBatchNorm(
-        module.num_features, module.eps, module.momentum, module.affine,
-        module.track_running_stats, group, device="meta",
+    rule = _rule_for(cls) if isinstance(layer, _BatchNorm) else _RULES.get(cls)
+    if rule is not None:
+        output = rule.to_sync(layer, process_group)
+        if not isinstance(output, SyncBatchNorm):
+            raise TypeError(
+                f"convert_sync_batchnorm: the conversion registered for {_qualname(cls)} "
+                f"returned a {type(output).__name__} for {where}, expected a "
+                "syncbn.SyncBatchNorm (or a subclass); fix its to_sync function"
+            )
+    elif isinstance(layer, _BatchNorm):
+        _check_stock(layer, where)
+        output = sync_layer_like(layer, process_group)
+    else:
+        return None
+    output._syncbn_source_cls = cls  # type: ignore[assignment]
+    output._syncbn_name = path or None
+    return output
+
+
+def _check_stock(layer: _BatchNorm, where: str) -> None:
+    """A ``_BatchNorm`` without a rule converts only if a plain SyncBatchNorm computes the same."""
+    cls = type(layer)
+    params, buffers = set(layer._parameters), set(layer._buffers)
+    if cls.forward not in _STOCK_FORWARDS:
+        problem = "class has its own forward, which a SyncBatchNorm would not run"
+    elif "forward" in vars(layer):
+        problem = "layer's forward was replaced on the instance; a SyncBatchNorm would not run it"
+    elif parametrize.is_parametrized(layer):
+        problem = "layer is parametrized (torch.nn.utils.parametrize), which would be dropped"
+    elif params != _PARAMETERS or buffers != _BUFFERS:
+        odd = sorted(params ^ _PARAMETERS) + sorted(buffers ^ _BUFFERS)
+        problem = (f"class has parameters or buffers that differ from BatchNorm's "
+                   f"({', '.join(odd)}), so the state_dict would change")
+    else:
+        return
+    raise ValueError(
+        f"convert_sync_batchnorm cannot convert {where} ({_qualname(cls)}): the {problem}. "
+        f"Fix: register how to convert it with {_REGISTER_HINT.format(cls=cls.__name__)}, or "
+        "replace that layer yourself before converting. Nothing was converted."
     )
-    _move_state(module, layer)
-    layer._syncbn_source_cls = type(module)
-    layer._syncbn_name = path or None
-    return layer
 
 
-def _revert_class(layer: SyncBatchNorm) -> type[_BatchNorm]:
-    """The class it came from, else the one the last input's rank implies, else BatchNorm2d."""
-    source = layer._syncbn_source_cls
-    if source is not None and issubclass(source, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
-        return source
-    if layer._syncbn_input_ndim is not None:
-        return _BY_NDIM[layer._syncbn_input_ndim]
-    return nn.BatchNorm2d
+# --- revert --------------------------------------------------------------------------------
 
 
 def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Replace every :class:`syncbn.SyncBatchNorm` in the tree by a plain BatchNorm1d/2d/3d.
+    """Replace every :class:`syncbn.SyncBatchNorm` in the tree by the layer it was converted from.
 
-    The class is the one ``convert_sync_batchnorm`` replaced; otherwise it is
-    inferred from the rank of the last input the layer saw (2 or 3 → 1d,
-    4 → 2d, 5 → 3d), otherwise BatchNorm2d. Parameters and buffers are shared,
-    so the result runs, and exports, anywhere torch does.
+    The class is the one ``convert_sync_batchnorm`` replaced (through its
+    registered conversion, if any; ``torch.nn.SyncBatchNorm`` becomes
+    BatchNorm1d/2d/3d); otherwise it is inferred from the rank of the last input
+    the layer saw (2 or 3 → 1d, 4 → 2d, 5 → 3d) when recorded, otherwise
+    BatchNorm2d. Parameters and buffers are shared, so the result runs, and
+    exports, anywhere torch does.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: a layer has a fused activation, or is a SyncBatchNorm subclass
+            with its own forward and no registered way back. Nothing was changed then.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"revert_sync_batchnorm expected an nn.Module, got {type(module).__name__}")
-    return replace_in_tree(module, lambda layer, _path: _revert_one(layer))
+    new = {id(layer): _revert_one(layer) for layer in module.modules()
+           if isinstance(layer, SyncBatchNorm)}
+    return replace_in_tree(module, lambda layer, _path: new.get(id(layer), layer))
 
 
-def _revert_one(module: nn.Module) -> nn.Module:
-    if not isinstance(module, SyncBatchNorm):
-        return module
-    if not module.activation.is_identity:
+def _revert_one(layer: SyncBatchNorm) -> nn.Module:
+    label = _comm.layer_label(layer.layer_name)
+    if not layer.activation.is_identity:
         raise ValueError(
-            f"revert_sync_batchnorm cannot express {_comm.layer_label(module.layer_name)}'s "
-            f"fused activation={module.activation.name!r} with a BatchNorm layer; build the "
+            f"revert_sync_batchnorm cannot express {label}'s fused "
+            f"activation={layer.activation.name!r} with a BatchNorm layer; build the "
             "model with activation='identity' and a separate activation module (e.g. "
             "nn.LeakyReLU) to revert it"
         )
-    cls = _revert_class(module)
-    args = (module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats)
-    try:
-        output = cls(*args, device="meta")
-    except TypeError:  # a subclass with its own constructor: use its BatchNorm base
-        base = next(c for c in cls.__mro__ if c in _BY_NDIM.values())
-        output = base(*args, device="meta")
-    return _move_state(module, output)
+    source: type[nn.Module] | None = getattr(layer, "_syncbn_source_cls", None)
+    rule = None if source is None else _rule_for(source)
+    if rule is not None:
+        return rule.to_plain(layer)
+    if type(layer).forward is not SyncBatchNorm.forward:
+        raise ValueError(
+            f"revert_sync_batchnorm cannot revert {label} ({_qualname(type(layer))}): the "
+            "class has its own forward and no registered way back. Fix: register one with "
+            f"{_REGISTER_HINT.format(cls=getattr(source, '__name__', 'SourceClass'))}"
+        )
+    if (source is not None and issubclass(source, _BatchNorm)
+            and not issubclass(source, nn.SyncBatchNorm)):
+        return plain_layer_like(layer, source)
+    ndim: int | None = getattr(layer, "_syncbn_input_ndim", None)
+    return plain_layer_like(layer, _BY_NDIM[ndim] if ndim is not None else nn.BatchNorm2d)
+
+
+SyncBatchNorm.convert_sync_batchnorm = staticmethod(convert_sync_batchnorm)

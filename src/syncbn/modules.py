@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -205,11 +206,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         text: str = super().extra_repr()  # type: ignore[no-untyped-call]
         return text + group
 
-    @classmethod
-    def convert_sync_batchnorm(
-        cls, module: torch.nn.Module, process_group: _comm.ProcessGroup | None = None
-    ) -> torch.nn.Module:
-        """Same as :func:`syncbn.convert_sync_batchnorm`."""
-        from .convert import convert_sync_batchnorm
-
-        return convert_sync_batchnorm(module, process_group)
+    convert_sync_batchnorm: ClassVar[Callable[..., torch.nn.Module]]
+    """``SyncBatchNorm.convert_sync_batchnorm(module, process_group=None)``, as torch's: the
+    same as :func:`syncbn.convert_sync_batchnorm`, which :mod:`syncbn.convert` attaches here
+    (this module does not import it, so the two do not import each other)."""

@@ -20,6 +20,7 @@ from syncbn.paddle_compat import (
     BatchNorm,
     BatchNorm1D,
     BatchNorm2D,
+    SyncBatchNorm,
     UnsafePickleError,
     load_pdparams,
     paddle_to_torch_state_dict,
@@ -382,3 +383,24 @@ def test_array_allocated_but_never_filled_is_refused(tmp_path: Path) -> None:
     large = _write(tmp_path, {"w": _UnfilledArray(1 << 26)}, name="large.pdparams")
     with pytest.raises(ValueError, match=r"builds more than .* while allocating an array"):
         load_pdparams(large)
+@needs_data
+@pytest.mark.parametrize("order", ["convert-then-load", "load-then-convert"])
+def test_readme_quick_start_convert_and_load(order: str) -> None:
+    """README's Paddle quick start on the real file: convert_sync_batchnorm, load_pdparams,
+    paddle_to_torch_state_dict, load_state_dict; in either order, Paddle's eval output."""
+    model = Net()
+    keys = list(model.state_dict())
+    state = load_pdparams(DATA / "net.pdparams")
+    if order == "convert-then-load":
+        model = SyncBatchNorm.convert_sync_batchnorm(model)
+        assert list(model.state_dict()) == keys  # no frozen bn3.weight appears
+        model.load_state_dict(paddle_to_torch_state_dict(state, model))
+    else:
+        model.load_state_dict(paddle_to_torch_state_dict(state, model))
+        model = SyncBatchNorm.convert_sync_batchnorm(model)
+    assert isinstance(model.bn1, SyncBatchNorm) and isinstance(model.bn3, SyncBatchNorm)
+    assert model.bn3.weight is None and isinstance(model.bn_old, BatchNorm)
+    io = np.load(DATA / "net_eval_io.npz")
+    with torch.no_grad():
+        y = model.eval()(torch.from_numpy(io["x"]))
+    torch.testing.assert_close(y, torch.from_numpy(io["y"]), rtol=1e-5, atol=1e-5)

@@ -657,9 +657,7 @@ def test_convert_sync_batchnorm_tree() -> None:
     for name in ("weight", "bias", "_mean", "_variance"):
         assert getattr(new2, name) is getattr(bn2, name), name
     assert new1.bias is bn1.bias and new1._mean is bn1._mean
-    assert new1.weight is not None and new1.weight.requires_grad is False
-    assert new1.weight.dtype == torch.float64 and torch.equal(new1.weight.detach(),
-                                                              torch.ones(3, dtype=torch.float64))
+    assert new1.weight is None  # weight_attr=False stays absent: the same keys, scale 1
     assert new1.data_format == "NLC" and new3.use_global_stats is None
     assert get_param_attr(new2, "weight") == ParamAttr(learning_rate=0.5)
     assert (new2._syncbn_name, new1._syncbn_name) == ("1", "2.0")
@@ -669,7 +667,7 @@ def test_convert_sync_batchnorm_tree() -> None:
     after = model.state_dict()
     for name, tensor in before.items():
         assert after[name] is tensor or torch.equal(after[name], tensor), name
-    assert "2.0.weight" in after  # the frozen ones of the former weight_attr=False
+    assert list(after) == list(before)  # exactly the original's keys, in order
 
 
 def test_convert_bare_layer_returns_the_new_layer_and_trains_the_same() -> None:
@@ -681,3 +679,58 @@ def test_convert_bare_layer_returns_the_new_layer_and_trains_the_same() -> None:
     assert torch.equal(sync(x), twin(x))  # no process group: the local batch is the batch
     assert torch.equal(bn._mean, twin._mean)  # shared statistics moved in the source too
     assert SyncBatchNorm.convert_sync_batchnorm(sync) is sync
+
+
+def test_convert_frozen_weight_computes_as_before_and_trains_the_same() -> None:
+    bn = _init(BatchNorm1D(3, weight_attr=False))
+    twin = _init(BatchNorm1D(3, weight_attr=False))
+    sync = SyncBatchNorm.convert_sync_batchnorm(bn)
+    assert isinstance(sync, SyncBatchNorm) and sync.weight is None
+    assert list(sync.state_dict()) == list(twin.state_dict()) == ["bias", "_mean", "_variance"]
+    assert "weight" in SyncBatchNorm(3, weight_attr=False).state_dict()  # hand-built: Paddle's
+    x = _data((6, 3)).requires_grad_()
+    x_twin = x.detach().clone().requires_grad_()
+    y, y_twin = sync(x), twin(x_twin)
+    assert torch.equal(y, y_twin)
+    y.square().sum().backward()
+    y_twin.square().sum().backward()
+    assert x.grad is not None and x_twin.grad is not None and torch.equal(x.grad, x_twin.grad)
+    assert sync.bias is not None and twin.bias is not None and sync.bias.grad is not None
+    assert twin.bias.grad is not None and torch.equal(sync.bias.grad, twin.bias.grad)
+    assert torch.equal(sync._variance, twin._variance)
+
+
+class _StockSubclass(BatchNorm2D):
+    """Only a different constructor: it computes as BatchNorm2D."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features, momentum=0.5)
+
+
+class _OwnForward(BatchNorm2D):
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input) * 2
+
+
+class _OwnStatistics(BatchNorm3D):
+    def _statistics_mode(self) -> Any:
+        return super()._statistics_mode()
+
+
+def test_convert_subclass_without_own_computation() -> None:
+    model = nn.Sequential(_StockSubclass(3))
+    SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(model[0]) is SyncBatchNorm and model[0].momentum == 0.5
+
+
+@pytest.mark.parametrize(("cls", "what"), [(_OwnForward, "forward"),
+                                           (_OwnStatistics, "_statistics_mode")])
+def test_convert_refuses_subclass_with_own_computation(cls: type[_BatchNormBase],
+                                                       what: str) -> None:
+    first = BatchNorm2D(3)
+    model = nn.Sequential(first, nn.Sequential(nn.Identity(), cls(3)))
+    with pytest.raises(ValueError, match=(
+            rf"cannot convert '1\.1' \(.*test_layers\.{cls.__name__}\): the class overrides "
+            rf"{what}, .*silently compute something else.*Nothing was converted")):
+        SyncBatchNorm.convert_sync_batchnorm(model)
+    assert model[0] is first and type(model[1][1]) is cls  # untouched

@@ -22,7 +22,12 @@ from ..functional import call_site, local_fallback_applies
 from . import _semantics
 from ._activations import get_activation
 from ._initializers import Constant
-from ._param_attr import copy_param_attrs, create_parameter, resolve_param_attr
+from ._param_attr import (
+    PARAM_ATTRS_ATTRIBUTE,
+    copy_param_attrs,
+    create_parameter,
+    resolve_param_attr,
+)
 from ._semantics import (
     LAYOUT_1D,
     LAYOUT_2D,
@@ -292,6 +297,9 @@ class BatchNorm3D(_BatchNormBase):
 
 _CONVERTIBLE = (BatchNorm1D, BatchNorm2D, BatchNorm3D)
 _RECONVERT = "SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)"
+_COMPUTING_METHODS = ("forward", "_fused", "_statistics_mode", "_synchronization",
+                      "_check_input")
+"""What a subclass of ``BatchNorm1D/2D/3D`` must not override to be converted."""
 
 
 class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
@@ -412,11 +420,16 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
         Each new layer keeps ``momentum``, ``epsilon``, ``data_format``, ``name`` and the
         train/eval mode, and shares the very ``weight``, ``bias``, ``_mean`` and
         ``_variance`` tensors (and their ParamAttr records), so an optimizer built
-        before keeps working. An absent weight or bias becomes a frozen parameter of
-        ones / zeros, as ``SyncBatchNorm(weight_attr=False)`` has. As in Paddle,
+        before keeps working. The converted model has exactly the original's
+        ``state_dict`` keys: an absent weight or bias (``weight_attr=False``) stays
+        absent (scale 1 / shift 0, the same computation; a hand-built
+        ``SyncBatchNorm(weight_attr=False)`` has Paddle's frozen parameter instead),
+        so a ``.pdparams`` file loads before or after converting. As in Paddle,
         ``use_global_stats`` is not carried over (SyncBatchNorm follows train/eval).
         ``SyncBatchNorm`` layers stay as they are (and take ``process_group`` when
         one is given); the old-style ``BatchNorm`` is not converted, as in Paddle.
+        Subclasses of ``BatchNorm1D/2D/3D`` are converted when they compute as their
+        base (no forward or statistics hook of their own), refused otherwise.
         Unlike Paddle, nothing of the caller's layers is renamed or otherwise changed.
 
         Returns:
@@ -425,6 +438,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
 
         Raises:
             TypeError: ``layer`` is not an ``nn.Module``, or ``process_group`` not a group.
+            ValueError: a subclass of ``BatchNorm1D/2D/3D`` overrides how it computes
+                (a SyncBatchNorm would silently compute something else); nothing was
+                changed then.
         """
         if not isinstance(layer, nn.Module):
             raise TypeError(
@@ -432,37 +448,58 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
                 f"{type(layer).__name__}. Fix: pass the model (or layer) to convert."
             )
         _comm.check_group_arg(process_group)
+        new = {id(module): cls._from_batchnorm(module, process_group, path)
+               for path, module in layer.named_modules() if cls._converts(module, path)}
         return replace_in_tree(layer, lambda module, path: cls._convert_one(
-            module, process_group, path))
+            module, process_group, path, new))
+
+    @classmethod
+    def _converts(cls, layer: nn.Module, path: str) -> bool:
+        """Whether ``layer`` is one to convert; raises for a subclass that computes otherwise."""
+        if isinstance(layer, SyncBatchNorm) or not isinstance(layer, _CONVERTIBLE):
+            return False
+        overridden = [name for name in _COMPUTING_METHODS
+                      if getattr(type(layer), name) is not getattr(_BatchNormBase, name)]
+        if overridden:
+            raise ValueError(
+                f"SyncBatchNorm.convert_sync_batchnorm cannot convert '{path or '<root>'}' "
+                f"({type(layer).__module__}.{type(layer).__qualname__}): the class overrides "
+                f"{', '.join(overridden)}, which a SyncBatchNorm would not run, so the model "
+                "would silently compute something else. Fix: replace that layer by a "
+                "SyncBatchNorm (or your own synchronized subclass) yourself. Nothing was "
+                "converted."
+            )
+        return True
 
     @classmethod
     def _convert_one(cls, layer: nn.Module, process_group: _comm.ProcessGroup | None,
-                     path: str) -> nn.Module:
+                     path: str, new: dict[int, SyncBatchNorm]) -> nn.Module:
         if isinstance(layer, SyncBatchNorm):
             if process_group is not None:
                 layer.process_group = process_group
             layer._syncbn_name = layer._syncbn_name or path or None
             return layer
-        if isinstance(layer, _CONVERTIBLE):
-            return cls._from_batchnorm(layer, process_group, path)
-        return layer
+        return new.get(id(layer), layer)
 
     @classmethod
-    def _from_batchnorm(cls, source: _BatchNormBase, process_group: _comm.ProcessGroup | None,
+    def _from_batchnorm(cls, source: nn.Module, process_group: _comm.ProcessGroup | None,
                         path: str) -> SyncBatchNorm:
+        assert isinstance(source, _BatchNormBase)
         layer = cls(
             source.num_features, source.momentum, source.epsilon,
             weight_attr=False if source.weight is None else None,
             bias_attr=False if source.bias is None else None,
             data_format=source.data_format, name=source.name, process_group=process_group,
         )
-        layer.to(device=source._mean.device, dtype=source._mean.dtype)  # the frozen fills
-        if source.weight is not None:
-            layer.weight = source.weight
-        if source.bias is not None:
-            layer.bias = source.bias
+        # the very tensors, and an absent weight or bias stays absent (no frozen fill: the
+        # same scale 1 / shift 0, and the original's state_dict keys)
+        layer.weight = source.weight
+        layer.bias = source.bias
         layer._mean = source._mean
         layer._variance = source._variance
+        records: dict[str, object] = layer.__dict__.get(PARAM_ATTRS_ATTRIBUTE) or {}
+        for name in [n for n in records if layer._parameters.get(n) is None]:
+            del records[name]  # the dropped frozen fill's
         copy_param_attrs(source, layer)
         layer.train(source.training)
         layer._syncbn_name = path or None
