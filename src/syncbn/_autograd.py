@@ -158,8 +158,8 @@ def input_grad(x: Tensor, dz: Tensor, a: Tensor, b: Tensor, c: Tensor,
 
 def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _stats.GradSums:
     """``Σdy`` and ``Σdy·x̂`` over this rank's shard, from torch's backward reduction kernel."""
-    if x.numel() == 0:
-        zeros = torch.zeros_like(mean)
+    if x.numel() == 0:  # zeros, but computed from dy: compiled code keeps this in backward
+        zeros = dy.sum(_stats.reduce_dims(dy.dim()), dtype=mean.dtype)
         return _stats.GradSums(zeros, zeros.clone())
     _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
         dy, x, None, None, None, mean, inv_std, True, 0.0, [False, True, True]

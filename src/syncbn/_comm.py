@@ -376,6 +376,16 @@ def _(buffer: Tensor, shift: Tensor | None, call_count: int, group_name: str, la
     return torch.empty_like(buffer)
 
 
+
+
+# A collective is a side effect: compiled code must run it on every rank even where its
+# result feeds nothing that is kept (an empty rank's outputs), so neither FX nor inductor
+# may eliminate it. (Effect tokens would also order it, but torch 2.13 cannot carry them
+# through compiled autograd and checkpointed backward graphs.) The backward buffer is
+# computed from the incoming gradient, so the partitioner keeps it in the backward graph.
+torch.fx.node.has_side_effect(torch.ops.syncbn.all_reduce.default)
+
+
 def single_value_error(count: int) -> ValueError:
     """torch's error for a training batch with one value per channel."""
     return ValueError(

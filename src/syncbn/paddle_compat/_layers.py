@@ -155,7 +155,8 @@ class _BatchNormBase(nn.Module):
         super().__init__()
         layer = type(self).__name__
         _check_features(num_features, layer, self._features_arg)
-        _semantics.conventions(momentum, epsilon, layer)  # validates
+        conventions = _semantics.conventions(momentum, epsilon, layer)  # validates
+        self.__dict__["_syncbn_conventions"] = ((float(momentum), float(epsilon)), conventions)
         self._layout.channel_last(data_format)  # validates; checked again at forward
         _check_flag(use_global_stats, layer, "use_global_stats", allow_none=True)
         if name is not None and not isinstance(name, str):
@@ -198,11 +199,23 @@ class _BatchNormBase(nn.Module):
         group, site, call = self._synchronization(x, mode)
         y = _semantics.batch_norm(
             x, self._mean, self._variance, self.weight, self.bias, mode=mode,
-            conventions=_semantics.conventions(self.momentum, self.epsilon, layer),
+            conventions=self._conventions(layer),
             process_group=group, site=site, inplace_activation=self._fused(x, mode),
             call=call,
         )
         return _semantics.from_channels_first(y, channel_last, tuple(input.shape))
+
+    def _conventions(self, layer: str) -> _semantics.Conventions:
+        """``momentum``/``epsilon`` translated, cached per value: compiled code reads the
+        cache (a constant to ``torch.compile``), eager code refreshes it when they change."""
+        key = (self.momentum, self.epsilon)
+        cached: tuple[tuple[float, float], _semantics.Conventions] | None = \
+            self.__dict__.get("_syncbn_conventions")
+        if cached is not None and (torch.compiler.is_compiling() or cached[0] == key):
+            return cached[1]
+        value = _semantics.conventions(self.momentum, self.epsilon, layer)
+        self.__dict__["_syncbn_conventions"] = (key, value)
+        return value
 
     def _fused(self, x: Tensor, mode: StatsMode) -> Activation | None:
         """The activation to fuse in place into this call (the old BatchNorm's hook)."""
@@ -393,7 +406,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
         group = _comm.resolve_group(self.process_group)
         if local_fallback_applies(group):
             return None, None, -1
-        conventions = _semantics.conventions(self.momentum, self.epsilon, "SyncBatchNorm")
+        conventions = self._conventions("SyncBatchNorm")
         site = call_site(x, self.layer_name, self.timeout, self.debug, eps=conventions.eps,
                          decay=conventions.decay)
         call = -1
