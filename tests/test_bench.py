@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -285,3 +291,37 @@ def test_percentile_matches_torch() -> None:
     for q in (0.1, 0.5, 0.9):
         expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
         assert _bench.percentile(values, q) == pytest.approx(expected)
+
+
+# --- the GPU benchmark script (runs where a GPU is lent; here: it loads and explains itself) ---
+
+GPU_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+
+
+def _load_gpu_script() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_gpu", GPU_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_gpu_script_help_runs() -> None:
+    done = subprocess.run([sys.executable, str(GPU_SCRIPT), "--help"], capture_output=True,
+                          text=True, timeout=100, check=False,
+                          env={**os.environ, "PYTHONPATH": str(GPU_SCRIPT.parent.parent / "src")})
+    assert done.returncode == 0, done.stderr
+    assert "torch.nn.SyncBatchNorm" in done.stdout and "--world-size" in done.stdout
+
+
+def test_gpu_script_parses_shapes_and_refuses_without_a_gpu(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = _load_gpu_script()
+    assert gpu.parse_shape("8x64x56x56:cl") == ((8, 64, 56, 56), True)
+    with pytest.raises(argparse.ArgumentTypeError, match="':cl' only on 4-d"):
+        gpu.parse_shape("8x64:cl")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run")
+    assert gpu.main(["--shapes", "4x8x5x5"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err
