@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +19,7 @@ import torch.nn.functional as F
 from syncbn.cli import bench as _bench
 from syncbn.functional import synchronized_batch_norm
 
-TINY_SHAPES = ("4x8x5x5", "4x8x5x5:cl", "16x12")
+TINY_SHAPES = ("4x8x5x5", "4x8x5x5:cl", "16x12", "4x8x9:mask")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -62,11 +68,26 @@ def test_every_case_has_medians_and_ratios(quick_result: dict[str, Any]) -> None
             assert 0 < times["p10_ms"] <= times["median_ms"] <= times["p90_ms"]
             assert times["median_max_over_ranks_ms"] > 0
         ratios = case["ratios"]
+        assert ratios["syncbn/floor"] == pytest.approx(
+            case["times"]["syncbn"]["median_ms"] / case["times"]["floor"]["median_ms"])
         assert ratios["syncbn/local"] == pytest.approx(
             case["times"]["syncbn"]["median_ms"] / case["times"]["local"]["median_ms"])
         assert ratios["syncbn/naive"] == pytest.approx(
             case["times"]["syncbn"]["median_ms"] / case["times"]["naive"]["median_ms"])
         assert case["profile_ms"]["fwd_all_reduce"] > 0  # the W = 2 profile ran
+        assert case["compile_s"] == {}  # --quick compiles nothing
+        assert not any(v.endswith("_compiled") for v in case["times"])
+        masked = case["label"].endswith(":mask")
+        assert (_bench.MASKED_VARIANT in case["times"]) == masked
+        if masked:
+            assert case["ratios"]["syncbn_masked/syncbn"] == pytest.approx(
+                case["times"][_bench.MASKED_VARIANT]["median_ms"]
+                / case["times"]["syncbn"]["median_ms"])
+            assert case["masked"]["elementwise_pass_ms"] > 0
+            assert 0.5 <= case["masked"]["valid_fraction"] < 1.0
+    table = _bench.format_table(quick_result)
+    assert "s/floor" in table and "masked W=2 4x8x9:mask" in table
+    assert "**syncbn/floor**" in _bench.format_markdown(quick_result)
 
 
 @pytest.mark.slow
@@ -78,10 +99,13 @@ def test_syncbn_communicates_twice_within_the_byte_budget(quick_result: dict[str
         assert (comm["forward_collectives"], comm["backward_collectives"]) == (1, 1), case["label"]
         assert comm["collectives"] == 2
         assert comm["bytes"] == comm["forward_bytes"] + comm["backward_bytes"]
-        assert 8 * (4 * channels) <= comm["bytes"] <= case["comm"]["bytes_limit"]
-        assert case["comm"]["bytes_limit"] == 8 * (4 * channels + 2)
+        assert comm["bytes"] == case["comm"]["bytes_limit"] == 16 * (2 * channels + 2)
         assert case["comm"]["local"]["collectives"] == 0
         assert case["comm"]["naive"]["collectives"] == 2
+        floor = case["comm"]["floor"]  # the floor sends what syncbn sends, where syncbn does
+        assert (floor["forward_collectives"], floor["backward_collectives"]) == (1, 1)
+        assert (floor["forward_bytes"], floor["backward_bytes"]) == (
+            comm["forward_bytes"], comm["backward_bytes"])
 
 
 @pytest.mark.slow
@@ -95,7 +119,61 @@ def test_memory_and_targets_are_recorded(quick_result: dict[str, Any]) -> None:
             assert case["memory"]["naive"]["allocated_bytes"] >= 2 * memory["input_bytes"]
     names = [t["target"] for t in quick_result["targets"]]
     assert any(n.startswith("syncbn/naive <= 0.6") for n in names)
+    assert "syncbn/floor <= 0.9, W=2, 4x8x5x5 float32" in names  # NCHW
+    assert "syncbn/floor <= 1.0, W=2, 4x8x5x5:cl float32" in names
+    assert "syncbn/floor <= 1.0, W=2, 16x12 float32" in names
+    assert "mask costs <= 1 elementwise pass, W=2, 4x8x9:mask float32" in names
     assert all(t["met"] for t in quick_result["targets"] if t["target"].startswith("2 collectives"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_compiled_variants_time_and_report_compile(tmp_path: Any) -> None:
+    out = tmp_path / "compiled.json"
+    code = _bench.main([
+        "--quick", "--shapes", "16x12", "--dtypes", "float32", "--world-sizes", "2",
+        "--rounds", "1", "--per-round", "2", "--warmup", "1", "--profile-iters", "0",
+        "--compile", "w2", "--timeout", "120", "--out", str(out),
+    ])
+    assert code == _bench.EXIT_OK
+    result = json.loads(out.read_text())
+    (case,) = result["runs"][0]["cases"]
+    for variant in _bench.COMPILED_VARIANTS:
+        assert case["times"][variant]["samples"] == 2
+    assert case["compile_s"]["syncbn_compiled"] > 0 and case["compile_s"]["local_compiled"] > 0
+    assert case["ratios"]["syncbn_compiled/floor_compiled"] == pytest.approx(
+        case["times"]["syncbn_compiled"]["median_ms"]
+        / case["times"]["floor_compiled"]["median_ms"])
+    names = [t["target"] for t in result["targets"]]
+    assert "compiled syncbn <= eager syncbn, W=2, 16x12 float32" in names
+    assert "compiled syncbn/compiled floor <= 1.10, W=2, 16x12 float32" in names
+    assert "first call s" in _bench.format_markdown(result)
+
+
+def test_floor_is_local_batch_norm_with_syncbn_sized_collectives(world_of_one: None) -> None:
+    bn = torch.nn.BatchNorm2d(6)
+    floor = _bench.FloorBatchNorm(bn, 6, dist.group.WORLD)
+    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+    dy = torch.randn(4, 6, 3, 3)
+    with _bench.count_collectives() as forward_calls:
+        y = floor(x)
+    with _bench.count_collectives() as backward_calls:
+        (dx,) = torch.autograd.grad(y, x, dy)
+    assert forward_calls == backward_calls == [("all_reduce", 8 * (2 * 6 + 2))]
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = F.batch_norm(x_ref, None, None, bn.weight.detach(), bn.bias.detach(), True)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, torch.autograd.grad(y_ref, x_ref, dy)[0])
+
+
+def test_padding_mask_counts_a_prefix_of_every_sample() -> None:
+    mask = _bench.padding_mask((5, 3, 10), seed=1)
+    assert mask.dtype == torch.bool and mask.shape == (5, 10)
+    lengths = mask.sum(1)
+    assert bool((lengths >= 5).all()) and bool((lengths <= 10).all())
+    for row, length in zip(mask, lengths.tolist(), strict=True):
+        assert row[:length].all() and not row[length:].any()
+    assert _bench.padding_mask((2, 3, 4, 6), seed=0).shape == (2, 4, 6)
 
 
 # --- memory saved for backward by the core (single process, same autograd Function) ---------
@@ -186,6 +264,7 @@ def test_parse_shape() -> None:
     assert _bench.parse_shape("8x64x56x56") == _bench.ShapeSpec((8, 64, 56, 56), False)
     assert _bench.parse_shape("8x64x56x56:cl").channels_last
     assert _bench.parse_shape("256x1024").channels == 1024
+    assert _bench.parse_shape("32x256x128:mask").masked
 
 
 @pytest.mark.parametrize("text", ["8", "8x0x3", "8x64x5x5x5", "axb", "8x64:nhwc"])
@@ -197,6 +276,8 @@ def test_parse_shape_rejects(text: str) -> None:
 def test_channels_last_needs_4d() -> None:
     with pytest.raises(_bench.UsageError, match=r"channels_last\) needs a 4-d shape"):
         _bench.parse_shape("8x64:cl")
+    with pytest.raises(_bench.UsageError, match=r"a padding mask\) needs a shape N x C x L"):
+        _bench.parse_shape("8x64:mask")
 
 
 def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
@@ -210,3 +291,37 @@ def test_percentile_matches_torch() -> None:
     for q in (0.1, 0.5, 0.9):
         expected = torch.quantile(torch.tensor(values, dtype=torch.float64), q).item()
         assert _bench.percentile(values, q) == pytest.approx(expected)
+
+
+# --- the GPU benchmark script (runs where a GPU is lent; here: it loads and explains itself) ---
+
+GPU_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+
+
+def _load_gpu_script() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_gpu", GPU_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(120)
+def test_gpu_script_help_runs() -> None:
+    done = subprocess.run([sys.executable, str(GPU_SCRIPT), "--help"], capture_output=True,
+                          text=True, timeout=100, check=False,
+                          env={**os.environ, "PYTHONPATH": str(GPU_SCRIPT.parent.parent / "src")})
+    assert done.returncode == 0, done.stderr
+    assert "torch.nn.SyncBatchNorm" in done.stdout and "--world-size" in done.stdout
+
+
+def test_gpu_script_parses_shapes_and_refuses_without_a_gpu(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    gpu = _load_gpu_script()
+    assert gpu.parse_shape("8x64x56x56:cl") == ((8, 64, 56, 56), True)
+    with pytest.raises(argparse.ArgumentTypeError, match="':cl' only on 4-d"):
+        gpu.parse_shape("8x64:cl")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the script would run")
+    assert gpu.main(["--shapes", "4x8x5x5"]) == 2
+    assert "no CUDA device is visible" in capsys.readouterr().err

@@ -1,17 +1,30 @@
-"""Benchmark: syncbn.SyncBatchNorm against local BatchNorm and a naive synchronized BatchNorm.
+"""Benchmark: syncbn.SyncBatchNorm against local BatchNorm, the sync floor and a naive SyncBN.
 
 ``python -m syncbn bench`` (or ``python benchmarks/bench_cpu.py``) spawns ``W``
 gloo ranks on 127.0.0.1 for each world size, one intra-op thread each, and in
-every rank measures three layers side by side on the same input, in the same
+every rank measures the layers side by side on the same input, in the same
 run, interleaved in rounds (A/B/C, then B/C/A, ...) so that drift hits all alike:
 
 - ``syncbn``: :class:`syncbn.SyncBatchNorm` over the ``W`` ranks;
-- ``local``: ``torch.nn.BatchNorm{1,2}d`` with no synchronization (the floor);
+- ``local``: ``torch.nn.BatchNorm{1,2}d`` with no synchronization;
+- ``floor``: the same local BatchNorm plus two bare ``dist.all_reduce`` calls of
+  syncbn's sizes (``2C + 2`` float64 after the forward, ``2C + 2`` float64 inside
+  backward, :class:`FloorCollectives`): no synchronized BatchNorm that computes
+  like torch can be faster, so ``syncbn/floor`` is the figure of merit;
 - ``naive``: a synchronized BatchNorm written the way pure-Python implementations
   in the field do it (detectron2's ``NaiveSyncBatchNorm``): per-channel
   ``[E[x], E[x²]]`` through a differentiable all_reduce (an autograd Function whose
   backward all-reduces the gradient), ``var = E[x²] − E[x]²``, normalization in
   torch ops, autograd doing the backward.
+
+Compiled variants (``--compile``, by default at ``W = 2`` for float32 inputs):
+``syncbn_compiled`` and ``local_compiled`` are ``torch.compile(layer,
+fullgraph=True)``; ``floor_compiled`` is the compiled local BatchNorm inside the
+floor's two bare collectives. The first call (forward + backward, compiling)
+is timed apart as ``compile_s``. A shape with ``:mask`` (``N x C x L:mask``) adds
+``syncbn_masked``: the same layer given a random padding mask (each sample's
+length uniform in ``[L/2, L]``), beside the time of one elementwise pass over
+the input (``x·m``), the most the mask may cost.
 
 One timed iteration is forward + backward of one layer in training mode with a
 fixed upstream gradient (``torch.autograd.grad`` for the input, weight and
@@ -57,7 +70,10 @@ from . import launch as _launch
 __all__ = ["BenchConfig", "ShapeSpec", "main", "parse_shape", "run_bench"]
 
 SCHEMA = "syncbn-bench/1"
-VARIANTS = ("syncbn", "local", "naive")
+VARIANTS = ("syncbn", "floor", "local", "naive")
+"""The eager variants every case measures."""
+COMPILED_VARIANTS = ("syncbn_compiled", "floor_compiled", "local_compiled")
+MASKED_VARIANT = "syncbn_masked"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -68,7 +84,8 @@ MEMORY_BYTES_PER_CHANNEL = 64
 MEMORY_BYTES_FIXED = 256
 """... plus this many bytes (a count)."""
 
-DEFAULT_SHAPES = ("8x64x56x56", "8x64x56x56:cl", "32x256x14x14", "64x512x7x7", "256x1024")
+DEFAULT_SHAPES = ("8x64x56x56", "8x64x56x56:cl", "32x256x14x14", "64x512x7x7", "256x1024",
+                  "32x256x128:mask")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -87,6 +104,7 @@ class ShapeSpec:
 
     shape: tuple[int, ...]
     channels_last: bool = False
+    masked: bool = False  # also time syncbn with a random padding mask
 
     @property
     def channels(self) -> int:
@@ -98,28 +116,34 @@ class ShapeSpec:
 
     def label(self) -> str:
         text = "x".join(map(str, self.shape))
-        return text + (":cl" if self.channels_last else "")
+        return text + (":cl" if self.channels_last else "") + (":mask" if self.masked else "")
 
 
 def parse_shape(text: str) -> ShapeSpec:
-    """``"8x64x56x56"`` or ``"8x64x56x56:cl"`` (channels_last) → :class:`ShapeSpec`.
+    """``"8x64x56x56"``, ``"8x64x56x56:cl"`` (channels_last) or ``"32x256x128:mask"``
+    (also time a padding mask) → :class:`ShapeSpec`.
 
     Raises:
-        UsageError: not 2 to 4 positive integers joined by ``x``, or ``:cl`` on a non-4-d shape.
+        UsageError: not 2 to 4 positive integers joined by ``x``, ``:cl`` on a non-4-d
+            shape, or ``:mask`` on a 2-d one.
     """
     body, _, suffix = text.strip().partition(":")
     try:
         shape = tuple(int(part) for part in body.lower().split("x"))
     except ValueError:
         shape = ()
-    if not 2 <= len(shape) <= 4 or min(shape) < 1 or suffix not in ("", "cl"):
+    if not 2 <= len(shape) <= 4 or min(shape) < 1 or suffix not in ("", "cl", "mask"):
         raise UsageError(
             f"--shapes expects sizes like 8x64x56x56 (N x C x ...: 2 to 4 positive integers), "
-            f"optionally with ':cl' for channels_last, got {text!r}"
+            f"optionally with ':cl' for channels_last or ':mask' for a padding mask, "
+            f"got {text!r}"
         )
     if suffix == "cl" and len(shape) != 4:
         raise UsageError(f"':cl' (channels_last) needs a 4-d shape N x C x H x W, got {text!r}")
-    return ShapeSpec(shape, suffix == "cl")
+    if suffix == "mask" and len(shape) < 3:
+        raise UsageError(f"':mask' (a padding mask) needs a shape N x C x L (or more dims), "
+                         f"got {text!r}")
+    return ShapeSpec(shape, suffix == "cl", suffix == "mask")
 
 
 @dataclass(frozen=True)
@@ -149,6 +173,8 @@ class BenchConfig:
     out: Path
     quick: bool
     argv: tuple[str, ...] = ()
+    compile_world_sizes: tuple[int, ...] = ()  # where the compiled variants run
+    compile_dtypes: tuple[str, ...] = ("float32",)
 
 
 # ---------------------------------------------------------------------------
@@ -227,21 +253,94 @@ class NaiveSyncBatchNorm(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-def _make_layers(channels: int, ndim: int, group: Any) -> dict[str, nn.Module]:
-    local: nn.Module = nn.BatchNorm1d(channels) if ndim <= 3 else nn.BatchNorm2d(channels)
-    layers: dict[str, nn.Module] = {
+class FloorCollectives(torch.autograd.Function):
+    """The identity, plus syncbn's two collectives as bare ``dist.all_reduce`` calls.
+
+    Forward all-reduces ``2C + 2`` float64 values (syncbn's forward moments, count
+    and key), backward another ``2C + 2`` (its gradient sums): the sizes syncbn
+    sends, with nothing computed around them. Applied to a local BatchNorm's
+    output, it makes the floor of a synchronized BatchNorm.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, y: Tensor, channels: int, group: Any) -> Tensor:
+        ctx.channels = channels
+        ctx.group = group
+        dist.all_reduce(torch.zeros(2 * channels + 2, dtype=torch.float64), group=group)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        dist.all_reduce(torch.zeros(2 * ctx.channels + 2, dtype=torch.float64), group=ctx.group)
+        return grad, None, None
+
+
+class FloorBatchNorm(nn.Module):
+    """Local BatchNorm (``inner``, possibly compiled) inside :class:`FloorCollectives`."""
+
+    def __init__(self, inner: Callable[[Tensor], Tensor], channels: int, group: Any) -> None:
+        super().__init__()
+        self.inner = inner
+        self.channels = channels
+        self.group = group
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = FloorCollectives.apply(  # type: ignore[no-untyped-call]  # untyped stub
+            self.inner(x), self.channels, self.group)
+        return out
+
+
+@dataclass
+class _Variant:
+    """What one variant runs: ``call(x)``, and the module holding its weight and bias."""
+
+    call: Callable[[Tensor], Tensor]
+    module: nn.Module
+
+
+def _local_bn(channels: int, ndim: int) -> nn.Module:
+    return nn.BatchNorm1d(channels) if ndim <= 3 else nn.BatchNorm2d(channels)
+
+
+def _make_layers(channels: int, ndim: int, group: Any, mask: Tensor | None = None,
+                 compiled: bool = False) -> dict[str, _Variant]:
+    """The variants of one case (each its own module), eager first, then compiled."""
+    modules: dict[str, nn.Module] = {
         "syncbn": SyncBatchNorm(channels),
-        "local": local,
+        "floor": _local_bn(channels, ndim),
+        "local": _local_bn(channels, ndim),
         "naive": NaiveSyncBatchNorm(channels, group),
     }
-    for layer in layers.values():
+    if mask is not None:
+        modules[MASKED_VARIANT] = SyncBatchNorm(channels)
+    if compiled:  # local before floor: the floor's BatchNorm reuses local's compiled code
+        modules["syncbn_compiled"] = SyncBatchNorm(channels)
+        modules["local_compiled"] = _local_bn(channels, ndim)
+        modules["floor_compiled"] = _local_bn(channels, ndim)
+    for layer in modules.values():
         layer.train()
         with torch.no_grad():  # the same affine parameters everywhere, not the identity
             weight = layer.get_parameter("weight")
             bias = layer.get_parameter("bias")
             weight.copy_(torch.linspace(0.5, 1.5, channels))
             bias.copy_(torch.linspace(-0.1, 0.1, channels))
-    return layers
+    variants: dict[str, _Variant] = {}
+    for name, layer in modules.items():
+        call: Callable[[Tensor], Tensor] = layer
+        if name.endswith("_compiled"):
+            call = torch.compile(layer, fullgraph=True, dynamic=False)
+        if name.startswith("floor"):
+            call = FloorBatchNorm(call, channels, group)
+        if name == MASKED_VARIANT:
+            masked_layer, the_mask = layer, mask
+
+            def call(x: Tensor, layer: nn.Module = masked_layer,
+                     m: Tensor | None = the_mask) -> Tensor:
+                out: Tensor = layer(x, mask=m)
+                return out
+
+        variants[name] = _Variant(call, layer)
+    return variants
 
 
 def _make_inputs(spec: ShapeSpec, dtype: torch.dtype, seed: int) -> tuple[Tensor, Tensor]:
@@ -254,11 +353,24 @@ def _make_inputs(spec: ShapeSpec, dtype: torch.dtype, seed: int) -> tuple[Tensor
     return x.to(dtype).requires_grad_(), dy.to(dtype)
 
 
-def _step_fn(layer: nn.Module, x: Tensor, dy: Tensor) -> Callable[[], None]:
+def padding_mask(shape: Sequence[int], seed: int) -> Tensor:
+    """A bool mask of ``shape`` without dim 1: sample ``n`` counts its first ``len_n``
+    positions along the last dim, ``len_n`` uniform in ``[L/2, L]`` (padded sequences)."""
+    generator = torch.Generator().manual_seed(seed)
+    length = shape[-1]
+    lengths = torch.randint(max(length // 2, 1), length + 1, (shape[0],), generator=generator)
+    positions = torch.arange(length)
+    mask = positions < lengths.view(-1, *([1] * (len(shape) - 2)))  # (N, 1.., L)
+    return mask.expand(shape[0], *shape[2:]).contiguous()
+
+
+def _step_fn(variant: _Variant, x: Tensor, dy: Tensor) -> Callable[[], None]:
+    layer = variant.module
     inputs = (x, layer.get_parameter("weight"), layer.get_parameter("bias"))
+    call = variant.call
 
     def step() -> None:
-        y = layer(x)
+        y = call(x)
         torch.autograd.grad(y, inputs, dy)
 
     return step
@@ -336,11 +448,12 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
             setattr(dist, name, original)
 
 
-def _comm_per_step(layer: nn.Module, x: Tensor, dy: Tensor) -> dict[str, int]:
+def _comm_per_step(variant: _Variant, x: Tensor, dy: Tensor) -> dict[str, int]:
     """Collectives and bytes this rank sends in one training step, forward and backward."""
+    layer = variant.module
     inputs = (x, layer.get_parameter("weight"), layer.get_parameter("bias"))
     with count_collectives() as forward_calls:
-        y = layer(x)
+        y = variant.call(x)
     with count_collectives() as backward_calls:
         torch.autograd.grad(y, inputs, dy)
     return {
@@ -391,9 +504,10 @@ def saved_for_backward(forward: Callable[[], Tensor], x: Tensor,
     }
 
 
-def _memory(layer: nn.Module, x: Tensor) -> dict[str, int]:
+def _memory(variant: _Variant, x: Tensor) -> dict[str, int]:
+    layer = variant.module
     state = [*layer.parameters(), *layer.buffers()]
-    return saved_for_backward(lambda: layer(x), x, state)
+    return saved_for_backward(lambda: variant.call(x), x, state)
 
 
 def _timed(fn: Callable[[], object], iters: int, group: Any,
@@ -519,25 +633,50 @@ def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
     return wall, cpu
 
 
+def _first_calls(steps: dict[str, Callable[[], None]], group: Any) -> dict[str, float]:
+    """Seconds of each compiled variant's first step (forward + backward: compiling)."""
+    seconds = {}
+    for name, step in steps.items():
+        if name.endswith("_compiled"):
+            dist.barrier(group)
+            start = time.perf_counter()
+            step()
+            seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def _measure_case(spec: ShapeSpec, dtype_name: str, iters: Iterations, profile_iters: int,
-                  seed: int, rank: int, group: Any) -> dict[str, Any]:
+                  seed: int, rank: int, group: Any, compiled: bool = False) -> dict[str, Any]:
     """Everything one rank measures for one (shape, dtype): raw samples, comm, memory."""
     torch.manual_seed(seed)
     dtype = DTYPES[dtype_name]
     x, dy = _make_inputs(spec, dtype, seed * 1000 + rank)
-    layers = _make_layers(spec.channels, len(spec.shape), group)
-    steps = {name: _step_fn(layer, x, dy) for name, layer in layers.items()}
+    mask = padding_mask(spec.shape, seed * 1000 + rank) if spec.masked else None
+    if compiled:
+        torch._dynamo.reset()  # every case compiles afresh: its first call is its compile time
+    variants = _make_layers(spec.channels, len(spec.shape), group, mask, compiled)
+    steps = {name: _step_fn(variant, x, dy) for name, variant in variants.items()}
+    compile_s = _first_calls(steps, group)
     samples, cpu_samples = _time_interleaved(steps, iters, group)
-    comm = {name: _comm_per_step(layer, x, dy) for name, layer in layers.items()}
-    memory = {name: _memory(layer, x) for name, layer in layers.items()}
+    eager = [name for name in variants if not name.endswith("_compiled")]
+    comm = {name: _comm_per_step(variants[name], x, dy) for name in eager}
+    memory = {name: _memory(variants[name], x) for name in eager}
+    extra: dict[str, list[float]] = {}
+    if mask is not None:  # one elementwise pass over the input: the most the mask may cost
+        weights = mask.unsqueeze(1).to(dtype)
+        xd = x.detach()
+        with torch.no_grad():
+            extra["elementwise_pass"] = _timed(lambda: xd * weights, iters.samples, group)
+        extra["valid_fraction"] = [float(mask.float().mean())]
     profile: dict[str, list[float]] = {}
     profile_cpu: dict[str, list[float]] = {}
     if profile_iters > 0:
-        syncbn_layer = layers["syncbn"]
+        syncbn_layer = variants["syncbn"].module
         assert isinstance(syncbn_layer, SyncBatchNorm)
         profile, profile_cpu = _profile_pieces(syncbn_layer, x, dy, profile_iters, group)
     return {"samples": samples, "cpu_samples": cpu_samples, "comm": comm, "memory": memory,
-            "profile": profile, "profile_cpu": profile_cpu}
+            "profile": profile, "profile_cpu": profile_cpu, "compile_s": compile_s,
+            "extra": extra}
 
 
 def _latency(group: Any, iters: int) -> dict[str, float]:
@@ -568,19 +707,27 @@ def _bench_rank(env: _launch.DistEnv, job: _RankJob) -> int:
     iters = config.iterations[job.world_size]
     group = dist.group.WORLD
     profile_iters = config.profile_iters if job.world_size == 2 else 0
+    if config.compile_world_sizes:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1  # no compile-worker pool: one core per rank
+        inductor_config.fx_graph_cache = False  # report the cold compile, every run
     latency = _latency(group, iters.samples)
     cases: list[dict[str, Any]] = []
     for spec in config.shapes:
         for dtype_name in config.dtypes:
             started = time.monotonic()
+            compiled = (job.world_size in config.compile_world_sizes
+                        and dtype_name in config.compile_dtypes)
             raw = _measure_case(spec, dtype_name, iters, profile_iters, config.seed,
-                                env.rank, group)
+                                env.rank, group, compiled)
             gathered: list[Any] = [None] * env.world_size
             dist.all_gather_object(gathered, raw, group=group)
             if env.rank == 0:
                 case = summarize_case(spec, dtype_name, gathered)
                 cases.append(case)
                 print(f"  W={job.world_size} {spec.label():>15} {dtype_name:>8}: "
+                      f"syncbn/floor {case['ratios']['syncbn/floor']:.2f}, "
                       f"syncbn/local {case['ratios']['syncbn/local']:.2f}, "
                       f"syncbn/naive {case['ratios']['syncbn/naive']:.2f} "
                       f"({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
@@ -635,17 +782,43 @@ def summarize_case(spec: ShapeSpec, dtype_name: str, ranks: list[dict[str, Any]]
     times = {
         name: _stats_of(rank0["samples"][name], [r["samples"][name] for r in ranks],
                         rank0["cpu_samples"][name])
-        for name in VARIANTS
+        for name in rank0["samples"]
     }
     channels = spec.channels
 
     def ratio(a: str, b: str, key: str = "median_ms") -> float:
         return float(times[a][key] / times[b][key])
 
+    ratios = {
+        "syncbn/floor": ratio("syncbn", "floor"),
+        "syncbn/local": ratio("syncbn", "local"),
+        "syncbn/naive": ratio("syncbn", "naive"),
+        "floor/local": ratio("floor", "local"),
+        "naive/local": ratio("naive", "local"),
+        "syncbn/floor_cpu": ratio("syncbn", "floor", "cpu_median_ms"),
+        "syncbn/floor_max_over_ranks": ratio("syncbn", "floor", "median_max_over_ranks_ms"),
+        "syncbn/local_max_over_ranks": ratio("syncbn", "local", "median_max_over_ranks_ms"),
+        "syncbn/naive_max_over_ranks": ratio("syncbn", "naive", "median_max_over_ranks_ms"),
+    }
+    if "syncbn_compiled" in times:
+        ratios["syncbn_compiled/floor_compiled"] = ratio("syncbn_compiled", "floor_compiled")
+        ratios["syncbn_compiled/syncbn"] = ratio("syncbn_compiled", "syncbn")
+        ratios["syncbn_compiled/local_compiled"] = ratio("syncbn_compiled", "local_compiled")
+        ratios["local_compiled/local"] = ratio("local_compiled", "local")
+    masked: dict[str, float] = {}
+    if MASKED_VARIANT in times:
+        ratios["syncbn_masked/syncbn"] = ratio(MASKED_VARIANT, "syncbn")
+        pass_ms = percentile(rank0["extra"]["elementwise_pass"], 0.5)
+        extra_ms = times[MASKED_VARIANT]["median_ms"] - times["syncbn"]["median_ms"]
+        extra_cpu = times[MASKED_VARIANT]["cpu_median_ms"] - times["syncbn"]["cpu_median_ms"]
+        masked = {"elementwise_pass_ms": pass_ms, "extra_ms": extra_ms,
+                  "extra_cpu_ms": extra_cpu, "extra_passes": extra_ms / pass_ms,
+                  "extra_passes_cpu": extra_cpu / pass_ms,
+                  "valid_fraction": rank0["extra"]["valid_fraction"][0]}
     profile = _profile_summary(rank0["profile"], times["syncbn"]["median_ms"])
     profile_cpu = _profile_summary(rank0["profile_cpu"], times["syncbn"]["cpu_median_ms"])
     comm = dict(rank0["comm"])
-    comm["bytes_limit"] = 8 * (4 * channels + 2)
+    comm["bytes_limit"] = 16 * (2 * channels + 2)  # 2C + 2 float64 each way
     memory = dict(rank0["memory"])
     memory["allowance_bytes"] = MEMORY_BYTES_PER_CHANNEL * channels + MEMORY_BYTES_FIXED
     return {
@@ -656,13 +829,10 @@ def summarize_case(spec: ShapeSpec, dtype_name: str, ranks: list[dict[str, Any]]
         "channels": channels,
         "input_bytes": rank0["memory"]["syncbn"]["input_bytes"],
         "times": times,
-        "ratios": {
-            "syncbn/local": ratio("syncbn", "local"),
-            "syncbn/naive": ratio("syncbn", "naive"),
-            "naive/local": ratio("naive", "local"),
-            "syncbn/local_max_over_ranks": ratio("syncbn", "local", "median_max_over_ranks_ms"),
-            "syncbn/naive_max_over_ranks": ratio("syncbn", "naive", "median_max_over_ranks_ms"),
-        },
+        "ratios": ratios,
+        "compile_s": {name: max(r["compile_s"][name] for r in ranks)
+                      for name in rank0["compile_s"]},
+        "masked": masked,
         "comm": comm,
         "memory": memory,
         "profile_ms": profile,
@@ -689,10 +859,26 @@ def evaluate_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     two = by_world.get(2)
     if two is not None:
         for case in two["cases"]:
-            if tuple(case["shape"]) in ((8, 64, 56, 56), (32, 256, 14, 14)):
-                value = case["ratios"]["syncbn/local"]
-                targets.append(_target(f"syncbn/local <= 1.10, W=2, {_case_id(case)}",
-                                       value, value <= 1.10))
+            if case["dtype"] != "float32" or case["label"].endswith(":mask"):
+                continue
+            nchw = len(case["shape"]) == 4 and case["memory_format"] == "contiguous"
+            limit = 0.9 if nchw else 1.0
+            value = case["ratios"]["syncbn/floor"]
+            targets.append(_target(f"syncbn/floor <= {limit}, W=2, {_case_id(case)}",
+                                   value, value <= limit))
+        for case in two["cases"]:
+            ratios = case["ratios"]
+            if "syncbn_compiled/syncbn" in ratios:
+                value = ratios["syncbn_compiled/syncbn"]
+                targets.append(_target(f"compiled syncbn <= eager syncbn, W=2, {_case_id(case)}",
+                                       value, value <= 1.0))
+                value = ratios["syncbn_compiled/floor_compiled"]
+                targets.append(_target(f"compiled syncbn/compiled floor <= 1.10, W=2, "
+                                       f"{_case_id(case)}", value, value <= 1.10))
+            if case["masked"]:
+                value = case["masked"]["extra_passes"]
+                targets.append(_target(f"mask costs <= 1 elementwise pass, W=2, {_case_id(case)}",
+                                       value, value <= 1.0))
         for case in two["cases"]:
             value = case["ratios"]["syncbn/naive"]
             targets.append(_target(f"syncbn/naive <= 0.6, W=2, {_case_id(case)}",
@@ -704,7 +890,7 @@ def evaluate_targets(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ok = (comm["forward_collectives"] == 1 and comm["backward_collectives"] == 1
                   and comm["bytes"] <= case["comm"]["bytes_limit"])
             targets.append(_target(
-                f"2 collectives (1 fwd, 1 bwd), bytes <= 8(4C+2) = {case['comm']['bytes_limit']}, "
+                f"2 collectives (1 fwd, 1 bwd), bytes <= 16(2C+2) = {case['comm']['bytes_limit']}, "
                 f"W={run['world_size']}, {_case_id(case)}",
                 f"{comm['forward_collectives']}+{comm['backward_collectives']}, {comm['bytes']} B",
                 ok))
@@ -783,6 +969,16 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def _compiled_cases(result: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    return [(run["world_size"], case) for run in result["runs"] for case in run["cases"]
+            if "syncbn_compiled" in case["times"]]
+
+
+def _masked_cases(result: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    return [(run["world_size"], case) for run in result["runs"] for case in run["cases"]
+            if case["masked"]]
+
+
 def format_table(result: dict[str, Any]) -> str:
     """The readable summary: times (median [p10–p90] ms), ratios, comm, memory, targets."""
     lines = []
@@ -790,10 +986,10 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"syncbn {env['syncbn']} ({env['syncbn_git_commit']}), torch {env['torch']}, "
                  f"{env['backend']} on {env['device']}, {env['cpu_count']} CPUs, "
                  f"1 thread per rank")
-    header = (f"{'W':>2} {'shape':>15} {'dtype':>8} | {'syncbn ms [p10-p90]':>22} | "
-              f"{'local ms [p10-p90]':>22} | {'naive ms [p10-p90]':>22} | "
-              f"{'s/local':>7} {'s/naive':>7} | {'coll':>4} {'bytes':>6} {'limit':>6} | "
-              f"{'saved/in s,l,n':>16} | {'cpu ms s,l,n':>20}")
+    header = (f"{'W':>2} {'shape':>16} {'dtype':>8} | {'syncbn ms [p10-p90]':>22} | "
+              f"{'floor ms':>8} {'local ms':>8} {'naive ms':>8} | "
+              f"{'s/floor':>7} {'s/local':>7} {'s/naive':>7} | {'coll':>4} {'bytes':>6} | "
+              f"{'saved/in s,f':>12} | {'cpu ms s,f,l':>17}")
     for run in result["runs"]:
         note = " (oversubscribed: more ranks than cores, noisy)" if run["oversubscribed"] else ""
         lines.append("")
@@ -808,30 +1004,56 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("-" * len(header))
         for case in run["cases"]:
             t = case["times"]
-            cells = [
-                f"{t[v]['median_ms']:7.3f} [{t[v]['p10_ms']:6.2f}-{t[v]['p90_ms']:6.2f}]"
-                for v in VARIANTS
-            ]
+            s = t["syncbn"]
             mem = case["memory"]
             saved = ",".join(f"{mem[v]['saved_bytes'] / mem[v]['input_bytes']:.2f}"
-                             for v in VARIANTS)
+                             for v in ("syncbn", "floor"))
             comm = case["comm"]["syncbn"]
-            cpu = ",".join(f"{t[v]['cpu_median_ms']:.2f}" for v in VARIANTS)
+            cpu = ",".join(f"{t[v]['cpu_median_ms']:.2f}" for v in ("syncbn", "floor", "local"))
+            r = case["ratios"]
             lines.append(
-                f"{run['world_size']:>2} {case['label']:>15} {case['dtype']:>8} | "
-                f"{cells[0]:>22} | {cells[1]:>22} | {cells[2]:>22} | "
-                f"{case['ratios']['syncbn/local']:7.2f} {case['ratios']['syncbn/naive']:7.2f} | "
-                f"{comm['collectives']:>4} {comm['bytes']:>6} {case['comm']['bytes_limit']:>6} | "
-                f"{saved:>16} | {cpu:>20}")
+                f"{run['world_size']:>2} {case['label']:>16} {case['dtype']:>8} | "
+                f"{s['median_ms']:7.3f} [{s['p10_ms']:6.2f}-{s['p90_ms']:6.2f}] | "
+                f"{t['floor']['median_ms']:8.3f} {t['local']['median_ms']:8.3f} "
+                f"{t['naive']['median_ms']:8.3f} | "
+                f"{r['syncbn/floor']:7.2f} {r['syncbn/local']:7.2f} {r['syncbn/naive']:7.2f} | "
+                f"{comm['collectives']:>4} {comm['bytes']:>6} | {saved:>12} | {cpu:>17}")
+    compiled = _compiled_cases(result)
+    if compiled:
+        lines.append("")
+        lines.append("compiled (torch.compile fullgraph; floor = compiled local BN + 2 bare "
+                     "all_reduces), median ms, first call (compile) s:")
+        lines.append(f"{'W':>2} {'shape':>16} {'dtype':>8} | {'syncbn_c':>8} {'floor_c':>8} "
+                     f"{'local_c':>8} | {'sc/fc':>6} {'sc/s':>6} {'lc/l':>6} | "
+                     f"{'compile s: syncbn, local':>25}")
+        for world, case in compiled:
+            t, r, c = case["times"], case["ratios"], case["compile_s"]
+            lines.append(
+                f"{world:>2} {case['label']:>16} {case['dtype']:>8} | "
+                f"{t['syncbn_compiled']['median_ms']:8.3f} {t['floor_compiled']['median_ms']:8.3f} "
+                f"{t['local_compiled']['median_ms']:8.3f} | "
+                f"{r['syncbn_compiled/floor_compiled']:6.2f} {r['syncbn_compiled/syncbn']:6.2f} "
+                f"{r['local_compiled/local']:6.2f} | "
+                f"{c['syncbn_compiled']:12.1f} {c['local_compiled']:12.1f}")
+    for world, case in _masked_cases(result):
+        m = case["masked"]
+        lines.append("")
+        lines.append(
+            f"masked W={world} {case['label']} {case['dtype']}: syncbn "
+            f"{case['times']['syncbn']['median_ms']:.3f} ms, with mask "
+            f"{case['times'][MASKED_VARIANT]['median_ms']:.3f} ms "
+            f"(x{case['ratios']['syncbn_masked/syncbn']:.2f}; {m['extra_ms']:+.3f} ms = "
+            f"{m['extra_passes']:.2f} elementwise passes of {m['elementwise_pass_ms']:.3f} ms; "
+            f"CPU {m['extra_passes_cpu']:.2f} passes; {m['valid_fraction']:.0%} valid)")
     profiled = [c for run in result["runs"] for c in run["cases"] if c["profile_ms"]]
     if profiled:
         lines.append("")
         lines.append("W = 2, rank 0, median ms of each piece (barrier before each call):")
         names = list(profiled[0]["profile_ms"])
         short = [n.replace("fwd_", "f:").replace("bwd_", "b:") for n in names]
-        lines.append(f"{'shape':>15} {'dtype':>8} " + " ".join(f"{s:>10.10}" for s in short))
+        lines.append(f"{'shape':>16} {'dtype':>8} " + " ".join(f"{s:>10.10}" for s in short))
         for case in profiled:
-            lines.append(f"{case['label']:>15} {case['dtype']:>8} "
+            lines.append(f"{case['label']:>16} {case['dtype']:>8} "
                          + " ".join(f"{case['profile_ms'][n]:10.3f}" for n in names))
     lines.append("")
     met = sum(t["met"] for t in result["targets"])
@@ -850,7 +1072,8 @@ def format_markdown(result: dict[str, Any]) -> str:
     out = [
         f"syncbn {env['syncbn']} (`{env['syncbn_git_commit']}`), torch {env['torch']}, "
         f"Python {env['python']}, {env['backend']} on {env['device']}, {env['cpu_count']} CPUs, "
-        f"1 thread per rank, {env['platform']}",
+        f"1 thread per rank, {env['platform']}; load average at start "
+        f"{env.get('loadavg_1_5_15')}",
         "",
     ]
     for run in result["runs"]:
@@ -863,22 +1086,63 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"(p90 {latency['all_reduce_129_float32_p90']:.2f}); load average "
             f"{run['loadavg_before']} → {run['loadavg_after']}",
             "",
-            "| shape | dtype | syncbn ms | local ms | naive ms | syncbn/local | syncbn/naive "
-            "| CPU ms s / l / n | coll. | bytes (limit) | saved − input, B (s / l / n) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| shape | dtype | syncbn ms | floor ms | local ms | naive ms | **syncbn/floor** "
+            "| syncbn/local | syncbn/naive | CPU ms s / f / l | coll. | bytes | "
+            "saved − input, B (s / f) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for case in run["cases"]:
             t = case["times"]
             cells = [f"{t[v]['median_ms']:.2f} [{t[v]['p10_ms']:.2f}–{t[v]['p90_ms']:.2f}]"
-                     for v in VARIANTS]
-            cpu = " / ".join(f"{t[v]['cpu_median_ms']:.2f}" for v in VARIANTS)
-            memory = " / ".join(str(case["memory"][v]["beyond_input_bytes"]) for v in VARIANTS)
+                     if v == "syncbn" else f"{t[v]['median_ms']:.2f}" for v in VARIANTS]
+            cpu = " / ".join(f"{t[v]['cpu_median_ms']:.2f}" for v in ("syncbn", "floor", "local"))
+            memory = " / ".join(str(case["memory"][v]["beyond_input_bytes"])
+                                for v in ("syncbn", "floor"))
             comm = case["comm"]["syncbn"]
+            r = case["ratios"]
             out.append(
                 f"| {case['label']} | {case['dtype']} | {' | '.join(cells)} | "
-                f"{case['ratios']['syncbn/local']:.2f} | {case['ratios']['syncbn/naive']:.2f} | "
-                f"{cpu} | {comm['forward_collectives']}+{comm['backward_collectives']} | "
-                f"{comm['bytes']} ({case['comm']['bytes_limit']}) | {memory} |")
+                f"**{r['syncbn/floor']:.2f}** | {r['syncbn/local']:.2f} | "
+                f"{r['syncbn/naive']:.2f} | {cpu} | "
+                f"{comm['forward_collectives']}+{comm['backward_collectives']} | "
+                f"{comm['bytes']} | {memory} |")
+        out.append("")
+    compiled = _compiled_cases(result)
+    if compiled:
+        out += ["**Compiled** (`torch.compile(layer, fullgraph=True)`; the compiled floor is "
+                "the compiled local BatchNorm inside the two bare all_reduces), median ms; "
+                "first call = forward + backward while compiling (cold: no FX graph cache):", "",
+                "| W | shape | dtype | syncbn compiled | floor compiled | local compiled | "
+                "syncbn eager | **compiled syncbn / compiled floor** | compiled / eager syncbn "
+                "| compiled / eager local | first call s (syncbn / local) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for world, case in compiled:
+            t, r, c = case["times"], case["ratios"], case["compile_s"]
+            out.append(
+                f"| {world} | {case['label']} | {case['dtype']} | "
+                f"{t['syncbn_compiled']['median_ms']:.2f} | "
+                f"{t['floor_compiled']['median_ms']:.2f} | "
+                f"{t['local_compiled']['median_ms']:.2f} | {t['syncbn']['median_ms']:.2f} | "
+                f"**{r['syncbn_compiled/floor_compiled']:.2f}** | "
+                f"{r['syncbn_compiled/syncbn']:.2f} | "
+                f"{r['local_compiled/local']:.2f} | "
+                f"{c['syncbn_compiled']:.1f} / {c['local_compiled']:.1f} |")
+        out.append("")
+    masked = _masked_cases(result)
+    if masked:
+        out += ["**Masked** (random padding mask, lengths uniform in [L/2, L]), median ms:", "",
+                "| W | shape | dtype | syncbn | syncbn + mask | masked / unmasked | extra ms "
+                "| one elementwise pass ms | **extra, in passes** (wall / CPU) | valid |",
+                "|---|---|---|---|---|---|---|---|---|---|"]
+        for world, case in masked:
+            m = case["masked"]
+            out.append(
+                f"| {world} | {case['label']} | {case['dtype']} | "
+                f"{case['times']['syncbn']['median_ms']:.2f} | "
+                f"{case['times'][MASKED_VARIANT]['median_ms']:.2f} | "
+                f"{case['ratios']['syncbn_masked/syncbn']:.2f} | {m['extra_ms']:+.2f} | "
+                f"{m['elementwise_pass_ms']:.2f} | **{m['extra_passes']:.2f}** / "
+                f"{m['extra_passes_cpu']:.2f} | {m['valid_fraction']:.0%} |")
         out.append("")
     profiled = [c for run in result["runs"] for c in run["cases"] if c["profile_ms"]]
     if profiled:
@@ -897,6 +1161,11 @@ def format_markdown(result: dict[str, Any]) -> str:
             out.append(f"| {case['label']} | {case['dtype']} | "
                        + " | ".join(f"{case['profile_cpu_ms'][n]:.2f}" for n in names) + " |")
         out.append("")
+    met = sum(t["met"] for t in result["targets"])
+    out += [f"Targets: {met} of {len(result['targets'])} met.", ""]
+    out += [f"- MISSED {t['target']}: {t['value']:.3f}" if isinstance(t["value"], float)
+            else f"- MISSED {t['target']}: {t['value']}"
+            for t in result["targets"] if not t["met"]]
     return "\n".join(out)
 
 
@@ -936,6 +1205,8 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             "world_sizes": list(config.world_sizes),
             "params_dtype": "float32",
             "profile_iters": config.profile_iters,
+            "compile_world_sizes": list(config.compile_world_sizes),
+            "compile_dtypes": list(config.compile_dtypes),
             "seed": config.seed,
             "timing": "per iteration: barrier, then forward + backward (autograd.grad of "
                       "input, weight, bias with a fixed upstream gradient); variants "
@@ -976,6 +1247,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--profile-iters", type=int, default=None,
                         help="iterations per piece of the W=2 profile; 0 skips it "
                         "(default: 40; quick 5)")
+    parser.add_argument("--compile", choices=("none", "w2", "all"), default=None,
+                        help="where the torch.compile variants run: none, W=2 only, or every "
+                        "world size (default: w2; --quick: none); each case compiles afresh")
+    parser.add_argument("--compile-dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="input dtypes of the compiled variants (default: float32)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the inputs (default: 0)")
     parser.add_argument("--timeout", type=float, default=300.0, dest="timeout_s",
                         metavar="SECONDS",
@@ -1019,9 +1295,13 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str] = ()) -> Benc
     if out is None:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = Path("bench-results") / f"{stamp}.json"
+    where = args.compile or ("none" if quick else "w2")
+    compile_worlds = {"none": (), "w2": tuple(w for w in worlds if w == 2), "all": worlds}[where]
     return BenchConfig(shapes=shapes, dtypes=dtypes, world_sizes=worlds, iterations=iterations,
                        profile_iters=profile_iters, seed=args.seed, timeout_s=args.timeout_s,
-                       out=Path(out), quick=quick, argv=tuple(argv))
+                       out=Path(out), quick=quick, argv=tuple(argv),
+                       compile_world_sizes=compile_worlds,
+                       compile_dtypes=tuple(args.compile_dtypes or ("float32",)))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
