@@ -5,6 +5,7 @@ Torch flavour here; Paddle flavour in :mod:`syncbn.paddle_compat`.
 
 from . import functional as functional
 from ._comm import SyncBatchNormError as SyncBatchNormError
+from ._join import join as join
 from .convert import convert_sync_batchnorm as convert_sync_batchnorm
 from .convert import revert_sync_batchnorm as revert_sync_batchnorm
 from .modules import SyncBatchNorm as SyncBatchNorm
@@ -17,5 +18,6 @@ __all__ = [
     "__version__",
     "convert_sync_batchnorm",
     "functional",
+    "join",
     "revert_sync_batchnorm",
 ]
