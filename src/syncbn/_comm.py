@@ -379,12 +379,6 @@ def destroy_group(process_group: ProcessGroup) -> None:
     dist.destroy_process_group(process_group)
 
 
-def all_reduce_count(value: float, process_group: ProcessGroup, device: torch.device) -> Any:
-    """Start a sum of one float over the group; returns the work (``result()[0]`` the sum)."""
-    return dist.all_reduce(torch.full((1,), value, device=device), group=process_group,
-                           async_op=True)
-
-
 def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device,
                   timeout_s: float) -> None:
     """Take part in a peer's pending collective of ``numel`` float64 with step key 0.

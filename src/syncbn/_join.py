@@ -117,8 +117,7 @@ class _Recorder:
             if self.count_work is None:
                 self._joined_others = False
             else:
-                self.count_work.wait()
-                active = float(self.count_work.result()[0].item())
+                active = float(self.count_work.get_future().wait()[0].item())
                 self._joined_others = active < self.count_size
         return self._joined_others
 
@@ -179,8 +178,6 @@ class _Replayer:
                 if key not in self.copies:
                     self.originals[key] = event.module
                     self.copies[key] = copy.deepcopy(event.module)
-        self.error: BaseException | None = None
-        self.thread: threading.Thread | None = None
 
     def replay(self) -> None:
         """One iteration: forwards on empty inputs, backwards on zero gradients, in order."""
@@ -207,23 +204,11 @@ class _Replayer:
                 torch.autograd.backward(out, torch.zeros_like(out))
 
     def run(self, rank: int) -> None:
+        """Replay one iteration; errors say that join is the cause."""
         try:
             self.replay()
-        except BaseException as error:  # noqa: BLE001 - handed to the main thread
-            self.error = _wrap(error, rank, self.record)
-
-    def start(self, rank: int) -> None:
-        self.thread = threading.Thread(target=self.run, args=(rank,), daemon=True,
-                                       name="syncbn-join-replay")
-        self.thread.start()
-
-    def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        except RuntimeError as error:
+            raise _wrap(error, rank, self.record) from error
 
     def copy_back(self) -> None:
         """Give the joined rank's layers the running statistics the replays tracked."""
@@ -234,16 +219,14 @@ class _Replayer:
                     target.copy_(buffer)
 
 
-def _wrap(error: BaseException, rank: int, record: list[_Event]) -> BaseException:
-    if not isinstance(error, RuntimeError) or str(error).startswith("syncbn.join"):
+def _wrap(error: RuntimeError, rank: int, record: list[_Event]) -> RuntimeError:
+    if str(error).startswith("syncbn.join"):
         return error
-    wrapped = _comm.SyncBatchNormError(
+    return _comm.SyncBatchNormError(
         f"syncbn.join: rank {rank} has run out of batches and replays the SyncBatchNorm "
         f"collectives of its last iteration ({len(record)}: {_sequence(record)}), but the "
         f"ranks still training ran a different sequence ({str(error).strip()[:400]}). "
         f"{_ADVICE}")
-    wrapped.__cause__ = error
-    return wrapped
 
 
 class _SyncBNJoinable(Joinable):
@@ -264,14 +247,43 @@ class _SyncBNJoinable(Joinable):
 
 
 class _SyncBNJoinHook(JoinHook):
-    def __init__(self, context: _JoinContext) -> None:
+    """Shadows one iteration of the others; with DDP, DDP's own hook runs beside it.
+
+    The active ranks' SyncBatchNorm collectives and DDP's wait for each other
+    (the forward behind DDP's buffer broadcast, DDP's bucket all-reduces behind
+    the backward), so on a joined rank DDP's main hook runs in a thread while
+    the replay runs here: a replay that cannot match raises at once on this
+    thread (DDP's thread is then left to its group's timeout).
+    """
+
+    def __init__(self, context: _JoinContext, ddp_hook: JoinHook | None = None) -> None:
         self._context = context
+        self._ddp_hook = ddp_hook
 
     def main_hook(self) -> None:
+        if self._ddp_hook is None:
+            self._context.shadow_iteration()
+            return
+        errors: list[BaseException] = []
+
+        def ddp_main() -> None:
+            try:
+                assert self._ddp_hook is not None
+                self._ddp_hook.main_hook()
+            except BaseException as error:  # noqa: BLE001 - re-raised below
+                errors.append(error)
+
+        thread = threading.Thread(target=ddp_main, daemon=True, name="syncbn-join-ddp")
+        thread.start()
         self._context.shadow_iteration()
+        thread.join()
+        if errors:
+            raise errors[0]
 
     def post_hook(self, is_last_joiner: bool) -> None:
         self._context.finish()
+        if self._ddp_hook is not None:
+            self._ddp_hook.post_hook(is_last_joiner)
 
 
 class _JoinContext:
@@ -333,6 +345,14 @@ class _JoinContext:
             joinables.append(self.model)
         self.join = Join(joinables, enable=True, throw_on_early_termination=self.throw,
                          divide_by_initial_world_size=True)
+        hooks = getattr(self.join, "_join_hooks", None)
+        if not isinstance(hooks, list) or len(hooks) != len(joinables):
+            raise RuntimeError(
+                "syncbn.join does not know this torch's Join (it runs DDP's join hook "
+                "beside its own); use DistributedDataParallel.join() with "
+                "throw_on_early_termination=True instead")
+        # one hook: syncbn's replay on this thread, DDP's in a thread beside it
+        self.join._join_hooks = [_SyncBNJoinHook(self, hooks[1] if len(hooks) > 1 else None)]
         size = int(torch.distributed.get_world_size(self.join_group))
         joinable = self.joinable
 
@@ -357,31 +377,25 @@ class _JoinContext:
                     "running any SyncBatchNorm collective inside syncbn.join, so it "
                     f"cannot shadow the others. {_ADVICE}")
             self.replayer = _Replayer(record)
-        if self.ddp:
-            self.replayer.wait()  # the previous iteration's thread (done by now)
-            self.replayer.start(recorder.rank)
-        else:
-            self.replayer.run(recorder.rank)
-            self.replayer.wait()
+        self.replayer.run(recorder.rank)
 
     def finish(self) -> None:
         """Join's post hook: the replays' running statistics into this rank's layers."""
         if self.replayer is not None:
-            self.replayer.wait()
             self.replayer.copy_back()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self.join is None:
             return
+        failed = exc_type is not None
         try:
             if self.recorder is not None and exc_type is None:
                 self.recorder.check_complete()
                 self.recorder.frozen = True
             self.join.__exit__(exc_type, exc, tb)
         except BaseException:
-            if self.replayer is not None and self.replayer.error is not None:
-                raise self.replayer.error from None
+            failed = True
             raise
         finally:
             for handle in self.handles:
@@ -389,8 +403,7 @@ class _JoinContext:
             self.handles.clear()
             if self.recorder is not None:
                 _comm.set_join_observer(self.group_name, None)
-            thread = None if self.replayer is None else self.replayer.thread
-            if self.shadow is not None and (thread is None or not thread.is_alive()):
+            if self.shadow is not None and not failed:  # a failed one may still be busy
                 _comm.destroy_group(self.shadow)
 
 
