@@ -41,9 +41,14 @@ def _loss(out: Tensor) -> Tensor:
     return (out * torch.linspace(-1, 2, out.size(1), dtype=out.dtype)).pow(2).sum()
 
 
-def _train_ranks(counts: list[int], use_ddp: bool, broadcast_buffers: bool) -> dict[str, Any]:
+def _train_ranks(counts: list[int], use_ddp: bool, broadcast_buffers: bool,
+                 same_names: bool = False) -> dict[str, Any]:
     rank = dist.get_rank()
     model = syncbn.convert_sync_batchnorm(_model())
+    if same_names:  # the layers cannot be told apart by name: found by their forward hooks
+        for layer in model.modules():
+            if isinstance(layer, syncbn.SyncBatchNorm):
+                layer._syncbn_name = "bn"
     net: nn.Module = model
     if use_ddp:
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
@@ -76,7 +81,7 @@ def _oracle(counts: list[int], use_ddp: bool) -> dict[str, Any]:
         opt.zero_grad()
         out = model(torch.cat(xs))
         (_loss(out) / world).backward()
-        outputs.append(dict(zip(active, out.detach().split([len(x) for x in xs]))))
+        outputs.append(dict(zip(active, out.detach().split([len(x) for x in xs]), strict=True)))
         grads.append({k: p.grad.clone() * world for k, p in model.named_parameters()})
         if use_ddp:
             opt.step()
@@ -87,21 +92,22 @@ def _assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-11, msg=what)
 
 
-CASES = [
-    pytest.param([2, 4], True, True, id="W2-ddp"),
-    pytest.param([3, 1, 2], True, True, id="W3-ddp"),
-    pytest.param([1, 3, 2], True, False, id="W3-ddp-no-broadcast-buffers"),
-    pytest.param([4, 2], False, True, id="W2-plain"),
-    pytest.param([2, 3, 1], False, True, id="W3-plain"),
+CASES = [  # batches per rank, DDP, DDP's broadcast_buffers, every layer named alike
+    pytest.param([2, 4], True, True, False, id="W2-ddp"),
+    pytest.param([3, 1, 2], True, True, False, id="W3-ddp"),
+    pytest.param([3, 1, 2], True, True, True, id="W3-ddp-same-names"),
+    pytest.param([1, 3, 2], True, False, False, id="W3-ddp-no-broadcast-buffers"),
+    pytest.param([4, 2], False, True, False, id="W2-plain"),
+    pytest.param([2, 3, 1], False, True, False, id="W3-plain"),
 ]
 
 
-@pytest.mark.parametrize(("counts", "use_ddp", "broadcast_buffers"), CASES)
+@pytest.mark.parametrize(("counts", "use_ddp", "broadcast_buffers", "same_names"), CASES)
 def test_join_equals_one_process_on_the_active_ranks_batches(
-        counts: list[int], use_ddp: bool, broadcast_buffers: bool,
+        counts: list[int], use_ddp: bool, broadcast_buffers: bool, same_names: bool,
         record_property: Any) -> None:
     results = harness.run_ranks(len(counts), _train_ranks, counts, use_ddp, broadcast_buffers,
-                                timeout=TIMEOUT_S)
+                                same_names, timeout=TIMEOUT_S)
     oracle = _oracle(counts, use_ddp)
     record_property("seconds", max(r["seconds"] for r in results))
     for rank, result in enumerate(results):

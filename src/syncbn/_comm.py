@@ -23,6 +23,7 @@ host-side step (timeouts, checks, messages) happens inside the op.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -350,7 +351,7 @@ def _group_by_name(group_name: str) -> ProcessGroup:
 class JoinObserver(Protocol):
     """What :mod:`syncbn._join` installs for a group while ``syncbn.join`` is active."""
 
-    def before(self, buffer: Tensor, layer: str, phase: str, channels: int,
+    def before(self, buffer: Tensor, layer: str, phase: str, channels: int, dtype: str,
                shape: list[int], call: int) -> str:
         """Record (and check) this collective; return the name of the group to run it on."""
         ...
@@ -387,10 +388,8 @@ def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device,
     waiting for a partner that will not come. Failures are ignored (best effort).
     """
     buffer = torch.zeros(numel, dtype=torch.float64, device=device)
-    try:
+    with contextlib.suppress(RuntimeError):
         _wait(dist.all_reduce(buffer, group=process_group, async_op=True), timeout_s)
-    except RuntimeError:
-        pass
 
 
 @torch.library.custom_op("syncbn::all_reduce", mutates_args=())
@@ -402,7 +401,7 @@ def _all_reduce_op(
     """The one collective of the core, opaque to torch.compile (see :func:`all_reduce_checked`)."""
     observer = _join_observers.get(group_name)
     if observer is not None:  # under syncbn.join: recorded, checked, run on the join's group
-        group_name = observer.before(buffer, layer, phase, channels, shape, call_count)
+        group_name = observer.before(buffer, layer, phase, channels, dtype, shape, call_count)
     process_group = _group_by_name(group_name)
     site = CallSite(layer, channels, getattr(torch, dtype), None if timeout_s <= 0 else timeout_s,
                     debug, eps, decay)

@@ -96,7 +96,8 @@ class _Recorder:
         self.join_name = join_name
         self.shadow = shadow
         self.rank = rank
-        self.pending: tuple[nn.Module, torch.dtype] | None = None  # the layer now in forward
+        self.by_name: dict[str, nn.Module] = {}  # layers whose name no other layer has
+        self.pending: nn.Module | None = None  # else: the layer whose forward runs (a hook)
         self.current: list[_Event] = []
         self.reference: list[_Event] | None = None  # the previous iteration
         self.frozen = False  # this rank has joined: nothing more to record
@@ -140,15 +141,16 @@ class _Recorder:
         timeout = 10.0
         _comm.send_mismatch(self.shadow, expected.numel, expected.device, timeout)
 
-    def before(self, buffer: Tensor, layer: str, phase: str, channels: int,
+    def before(self, buffer: Tensor, layer: str, phase: str, channels: int, dtype: str,
                shape: list[int], call: int) -> str:
         if self.frozen:
             return self.join_name
-        pending, self.pending = self.pending, None
-        module, dtype = pending if pending is not None and phase == "forward" \
-            else (None, torch.float32)
-        event = _Event(phase, layer, channels, buffer.numel(), dtype, buffer.device,
-                       tuple(shape), call, module)
+        module = None
+        if phase == "forward":  # a layer of a unique name, else the one whose forward runs
+            module = self.by_name.get(layer, self.pending)
+            self.pending = None
+        event = _Event(phase, layer, channels, buffer.numel(), getattr(torch, dtype),
+                       buffer.device, tuple(shape), call, module)
         ref, j = self.reference, len(self.current)
         if ref is not None and (j >= len(ref) or not ref[j].same_as(event)) \
                 and self.others_joined():
@@ -270,7 +272,7 @@ class _SyncBNJoinHook(JoinHook):
             try:
                 assert self._ddp_hook is not None
                 self._ddp_hook.main_hook()
-            except BaseException as error:  # noqa: BLE001 - re-raised below
+            except BaseException as error:  # re-raised on the main thread below
                 errors.append(error)
 
         thread = threading.Thread(target=ddp_main, daemon=True, name="syncbn-join-ddp")
@@ -325,7 +327,7 @@ class _JoinContext:
             return self
         group = next(iter(groups.values()))
         self.group_name = str(group.group_name)
-        self.join_group = self.model.process_group if self.ddp else group  # type: ignore[union-attr]
+        self.join_group = self.model.process_group if self.ddp else group
         self.device = next((t.device for t in (*inner.parameters(), *inner.buffers())),
                            torch.device("cpu"))
         self.shadow = _comm.new_group_like(group)
@@ -334,11 +336,15 @@ class _JoinContext:
         recorder = self.recorder
 
         def layer_pre_hook(module: nn.Module, args: Any) -> None:
-            if not recorder.frozen and args and isinstance(args[0], Tensor):
-                recorder.pending = (module, args[0].dtype)
+            if not recorder.frozen:
+                recorder.pending = module
 
-        for layer in layers:
-            self.handles.append(layer.register_forward_pre_hook(layer_pre_hook))
+        names = [str(getattr(m, "layer_name", "")) for m in layers]
+        for name, layer in zip(names, layers, strict=True):
+            if names.count(name) == 1:
+                recorder.by_name[name] = layer
+            else:  # eager only: a compiled graph runs its hooks' side effects late
+                self.handles.append(layer.register_forward_pre_hook(layer_pre_hook))
         self.joinable = _SyncBNJoinable(self)
         joinables: list[Joinable] = [self.joinable]
         if isinstance(self.model, DistributedDataParallel):
