@@ -14,25 +14,28 @@ How:
   all-reduces on the original group.
 - Every rank records the SyncBatchNorm collectives of each iteration (one
   iteration: from one forward of ``model`` to the next) in order: phase, layer,
-  C, the input's shape and dtype, the module.
+  C, the input's shape and dtype, the module (found by its unique name, else by
+  a forward pre-hook).
 - Join's main hook runs on a joined rank once per iteration of the others. It
   replays the last recorded iteration on copies of the layers, in the recorded
-  order: each forward on an empty input ``(0, C, …)`` (its running statistics
-  follow the active ranks' bit for bit, and with them the shift every forward
-  key folds in), each backward on a zero gradient. With DDP the replay runs in
-  a thread, because the active ranks' SyncBatchNorm collectives and DDP's own
-  (which the DDP hook shadows on the main thread) wait for each other: the
-  forward waits behind DDP's buffer broadcast, DDP's bucket all-reduces behind
-  the backward. Without DDP it runs on the main thread.
-- The active ranks check each collective against their own last iteration
-  once a rank has joined (the notify all-reduce counts the active ranks): a
-  collective that differs (a data-dependent branch, a layer skipped in the last
-  step) cannot be shadowed. The active rank then sends a mismatching buffer
-  into the joined ranks' pending replay (so they fail at once) and raises
-  :class:`SyncBatchNormError` naming join as the cause.
-- The first joinable is syncbn's (its forward pre-hook on ``model`` notifies
+  order: each forward on an empty input ``(0, …)`` (the copies' running
+  statistics follow the active ranks' bit for bit, and with them the shift
+  every forward key folds in), each backward on a zero gradient. With DDP,
+  DDP's own join hook runs in a thread meanwhile: the active ranks'
+  SyncBatchNorm collectives and DDP's wait for each other (the forward behind
+  DDP's buffer broadcast, DDP's bucket all-reduces behind the backward), so
+  neither hook may finish before the other starts.
+- Once a rank has joined (the notify all-reduce counts the active ranks), the
+  active ranks check each collective against their own last iteration: one
+  that differs (a data-dependent branch, a layer skipped in the last step)
+  cannot be shadowed. The active rank then sends a buffer with step key 0 into
+  the joined ranks' pending replay (their out-of-step check fails at once) and
+  raises :class:`SyncBatchNormError` naming join as the cause; the joined
+  ranks raise one too. The groups cannot be used after that (DDP's shadow
+  thread still waits), so the job should end.
+- syncbn's joinable is the first (its forward pre-hook on ``model`` notifies
   the context), then DDP's: gradients are divided by the initial world size,
-  as DDP's ``join()`` does by default. The post hooks copy the replayed
+  as DDP's ``join()`` does by default. The post hook copies the replayed
   running statistics into the joined rank's layers, then DDP broadcasts the
   final model from the last joiner.
 """
@@ -293,6 +296,9 @@ class _JoinContext:
 
     def __init__(self, model: nn.Module, enable: bool, throw_on_early_termination: bool
                  ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"syncbn.join expected a torch.nn.Module (or a "
+                            f"DistributedDataParallel), got {type(model).__name__}")
         self.model = model
         self.enable = enable
         self.throw = throw_on_early_termination
