@@ -42,13 +42,14 @@ def _loss(out: Tensor) -> Tensor:
 
 
 def _train_ranks(counts: list[int], use_ddp: bool, broadcast_buffers: bool,
-                 same_names: bool = False) -> dict[str, Any]:
+                 variant: str) -> dict[str, Any]:
     rank = dist.get_rank()
     model = syncbn.convert_sync_batchnorm(_model())
-    if same_names:  # the layers cannot be told apart by name: found by their forward hooks
-        for layer in model.modules():
-            if isinstance(layer, syncbn.SyncBatchNorm):
+    for layer in model.modules():
+        if isinstance(layer, syncbn.SyncBatchNorm):
+            if variant == "same-names":  # not told apart by name: found by their hooks
                 layer._syncbn_name = "bn"
+            layer.debug = variant == "debug"  # the fingerprints run on the join group too
     net: nn.Module = model
     if use_ddp:
         net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
@@ -92,22 +93,23 @@ def _assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-11, msg=what)
 
 
-CASES = [  # batches per rank, DDP, DDP's broadcast_buffers, every layer named alike
-    pytest.param([2, 4], True, True, False, id="W2-ddp"),
-    pytest.param([3, 1, 2], True, True, False, id="W3-ddp"),
-    pytest.param([3, 1, 2], True, True, True, id="W3-ddp-same-names"),
-    pytest.param([1, 3, 2], True, False, False, id="W3-ddp-no-broadcast-buffers"),
-    pytest.param([4, 2], False, True, False, id="W2-plain"),
-    pytest.param([2, 3, 1], False, True, False, id="W3-plain"),
+CASES = [  # batches per rank, DDP, DDP's broadcast_buffers, variant
+    pytest.param([2, 4], True, True, "", id="W2-ddp"),
+    pytest.param([3, 1, 2], True, True, "", id="W3-ddp"),
+    pytest.param([3, 1, 2], True, True, "same-names", id="W3-ddp-same-names"),
+    pytest.param([2, 1, 3], True, True, "debug", id="W3-ddp-debug"),
+    pytest.param([1, 3, 2], True, False, "", id="W3-ddp-no-broadcast-buffers"),
+    pytest.param([4, 2], False, True, "", id="W2-plain"),
+    pytest.param([2, 3, 1], False, True, "", id="W3-plain"),
 ]
 
 
-@pytest.mark.parametrize(("counts", "use_ddp", "broadcast_buffers", "same_names"), CASES)
+@pytest.mark.parametrize(("counts", "use_ddp", "broadcast_buffers", "variant"), CASES)
 def test_join_equals_one_process_on_the_active_ranks_batches(
-        counts: list[int], use_ddp: bool, broadcast_buffers: bool, same_names: bool,
+        counts: list[int], use_ddp: bool, broadcast_buffers: bool, variant: str,
         record_property: Any) -> None:
     results = harness.run_ranks(len(counts), _train_ranks, counts, use_ddp, broadcast_buffers,
-                                same_names, timeout=TIMEOUT_S)
+                                variant, timeout=TIMEOUT_S)
     oracle = _oracle(counts, use_ddp)
     record_property("seconds", max(r["seconds"] for r in results))
     for rank, result in enumerate(results):
