@@ -182,6 +182,7 @@ def _skipped_branch(counts: list[int], use_ddp: bool) -> dict[str, Any]:
     net: nn.Module = model
     if use_ddp:
         net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    dist.barrier()  # a fresh pool's group connects here, not in the measured time
     start = time.monotonic()
     try:
         with syncbn.join(net):
