@@ -23,13 +23,15 @@ host-side step (timeouts, checks, messages) happens inside the op.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import time
 import warnings
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -248,8 +250,22 @@ def _abort(process_group: ProcessGroup) -> str:
     except RuntimeError as error:  # some backends cannot abort; say so
         return f"aborting the group failed ({str(error).strip()[:120]})"
     _broken_groups.append(process_group)
+    _keep_until_exit(process_group)
     return ("the process group was aborted (it cannot be used again; destroy it and "
             "re-initialize, or exit)")
+
+
+def _keep_until_exit(process_group: ProcessGroup) -> None:
+    """Never destroy a broken group, not even when the interpreter exits.
+
+    Measured with gloo (torch 2.13, a peer alive but not taking part, group
+    timeout 300 s): ``abort()`` returns at once but frees nothing; at exit the
+    group's destructor joins gloo's worker thread, which still waits in the
+    timed-out operation, so the process lived until the peer left or the group's
+    timeout passed (42 s for a peer leaving after 40 s). One reference that is
+    never released (the group is unusable anyway) makes that exit take 0.0 s.
+    """
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(process_group))
 
 
 def _wait(work: Any, timeout_s: float | None) -> None:
@@ -332,6 +348,50 @@ def _group_by_name(group_name: str) -> ProcessGroup:
     return distributed_c10d._resolve_process_group(group_name)  # type: ignore[attr-defined, arg-type]
 
 
+class JoinObserver(Protocol):
+    """What :mod:`syncbn._join` installs for a group while ``syncbn.join`` is active."""
+
+    def before(self, buffer: Tensor, layer: str, phase: str, channels: int, dtype: str,
+               shape: list[int], call: int) -> str:
+        """Record (and check) this collective; return the name of the group to run it on."""
+        ...
+
+
+_join_observers: dict[str, JoinObserver] = {}
+"""Group name -> the observer of a ``syncbn.join`` in progress over that group."""
+
+
+def set_join_observer(group_name: str, observer: JoinObserver | None) -> None:
+    """Route the collectives of ``group_name`` through ``observer`` (``None`` removes it)."""
+    if observer is None:
+        _join_observers.pop(group_name, None)
+    else:
+        _join_observers[group_name] = observer
+
+
+def new_group_like(process_group: ProcessGroup) -> ProcessGroup:
+    """A new group of the same ranks and backend (every rank of the world must call it)."""
+    ranks = dist.get_process_group_ranks(process_group)
+    return dist.new_group(ranks=ranks, backend=backend_name(process_group))
+
+
+def destroy_group(process_group: ProcessGroup) -> None:
+    """Destroy a group made by :func:`new_group_like`."""
+    dist.destroy_process_group(process_group)
+
+
+def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device,
+                  timeout_s: float) -> None:
+    """Take part in a peer's pending collective of ``numel`` float64 with step key 0.
+
+    Keys are at least 1, so the peer's out-of-step check fails at once instead of
+    waiting for a partner that will not come. Failures are ignored (best effort).
+    """
+    buffer = torch.zeros(numel, dtype=torch.float64, device=device)
+    with contextlib.suppress(RuntimeError):
+        _wait(dist.all_reduce(buffer, group=process_group, async_op=True), timeout_s)
+
+
 @torch.library.custom_op("syncbn::all_reduce", mutates_args=())
 def _all_reduce_op(
     buffer: Tensor, shift: Tensor | None, call_count: int, group_name: str, layer: str,
@@ -339,6 +399,9 @@ def _all_reduce_op(
     eps: float, decay: float, single_value_check: bool,
 ) -> Tensor:
     """The one collective of the core, opaque to torch.compile (see :func:`all_reduce_checked`)."""
+    observer = _join_observers.get(group_name)
+    if observer is not None:  # under syncbn.join: recorded, checked, run on the join's group
+        group_name = observer.before(buffer, layer, phase, channels, dtype, shape, call_count)
     process_group = _group_by_name(group_name)
     site = CallSite(layer, channels, getattr(torch, dtype), None if timeout_s <= 0 else timeout_s,
                     debug, eps, decay)

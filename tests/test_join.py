@@ -1,0 +1,232 @@
+"""``syncbn.join``: ranks with different numbers of batches, on real gloo ranks.
+
+The oracle is one process training on the union of the active ranks' batches
+at every step (torch's own BatchNorm on that batch), with the loss divided by
+the initial world size, as DDP's join divides gradients by default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+import harness
+import syncbn
+
+LR = 0.1
+TIMEOUT_S = 60.0
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(
+        nn.Linear(3, 5), nn.BatchNorm1d(5), nn.ReLU(),
+        nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2),
+    ).double()
+
+
+def _batch(rank: int, step: int) -> Tensor:
+    gen = torch.Generator().manual_seed(100 * rank + step)
+    size = 3 + (rank + step) % 3
+    return torch.randn(size, 3, generator=gen, dtype=torch.float64) * (1 + rank) + step
+
+
+def _loss(out: Tensor) -> Tensor:
+    return (out * torch.linspace(-1, 2, out.size(1), dtype=out.dtype)).pow(2).sum()
+
+
+def _train_ranks(counts: list[int], use_ddp: bool, broadcast_buffers: bool,
+                 variant: str) -> dict[str, Any]:
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(_model())
+    for layer in model.modules():
+        if isinstance(layer, syncbn.SyncBatchNorm):
+            if variant == "same-names":  # not told apart by name: found by their hooks
+                layer._syncbn_name = "bn"
+            layer.debug = variant == "debug"  # the fingerprints run on the join group too
+    net: nn.Module = model
+    if use_ddp:
+        net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    outputs, grads = [], []
+    start = time.monotonic()
+    with syncbn.join(net):
+        for step in range(counts[rank]):
+            opt.zero_grad()
+            out = net(_batch(rank, step))
+            _loss(out).backward()
+            outputs.append(out.detach())
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                          if p.grad is not None})
+            if use_ddp:
+                opt.step()
+    return {"state": {k: v.clone() for k, v in model.state_dict().items()},
+            "outputs": outputs, "grads": grads, "seconds": time.monotonic() - start}
+
+
+def _oracle(counts: list[int], use_ddp: bool) -> dict[str, Any]:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    world = len(counts)
+    outputs: list[dict[int, Tensor]] = []
+    grads: list[dict[str, Tensor]] = []
+    for step in range(max(counts)):
+        active = [r for r in range(world) if counts[r] > step]
+        xs = [_batch(r, step) for r in active]
+        opt.zero_grad()
+        out = model(torch.cat(xs))
+        (_loss(out) / world).backward()
+        outputs.append(dict(zip(active, out.detach().split([len(x) for x in xs]), strict=True)))
+        grads.append({k: p.grad.clone() * world for k, p in model.named_parameters()})
+        if use_ddp:
+            opt.step()
+    return {"state": model.state_dict(), "outputs": outputs, "grads": grads}
+
+
+def _assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-11, msg=what)
+
+
+CASES = [  # batches per rank, DDP, DDP's broadcast_buffers, variant
+    pytest.param([2, 4], True, True, "", id="W2-ddp"),
+    pytest.param([3, 1, 2], True, True, "", id="W3-ddp"),
+    pytest.param([3, 1, 2], True, True, "same-names", id="W3-ddp-same-names"),
+    pytest.param([2, 1, 3], True, True, "debug", id="W3-ddp-debug"),
+    pytest.param([1, 3, 2], True, False, "", id="W3-ddp-no-broadcast-buffers"),
+    pytest.param([4, 2], False, True, "", id="W2-plain"),
+    pytest.param([2, 3, 1], False, True, "", id="W3-plain"),
+]
+
+
+@pytest.mark.parametrize(("counts", "use_ddp", "broadcast_buffers", "variant"), CASES)
+def test_join_equals_one_process_on_the_active_ranks_batches(
+        counts: list[int], use_ddp: bool, broadcast_buffers: bool, variant: str,
+        record_property: Any) -> None:
+    results = harness.run_ranks(len(counts), _train_ranks, counts, use_ddp, broadcast_buffers,
+                                variant, timeout=TIMEOUT_S)
+    oracle = _oracle(counts, use_ddp)
+    record_property("seconds", max(r["seconds"] for r in results))
+    for rank, result in enumerate(results):
+        state = result["state"]
+        for key, expected in oracle["state"].items():
+            if use_ddp or "running" in key or "num_batches" in key:
+                if key.endswith("num_batches_tracked"):
+                    assert int(state[key]) == int(expected) == max(counts), (rank, key)
+                else:
+                    _assert_close(state[key], expected, f"rank {rank} {key}")
+        for step, out in enumerate(result["outputs"]):
+            _assert_close(out, oracle["outputs"][step][rank], f"rank {rank} step {step} output")
+    if not use_ddp:  # the active ranks' gradients sum to the union's
+        for step, expected in enumerate(oracle["grads"]):
+            active = [r for r in range(len(counts)) if counts[r] > step]
+            for key, grad in expected.items():
+                total = sum(results[r]["grads"][step][key] for r in active)
+                assert isinstance(total, Tensor)
+                _assert_close(total, grad, f"step {step} grad {key}")
+
+
+def _throw(counts: list[int], use_ddp: bool) -> dict[str, Any]:
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(_model())
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if use_ddp else model
+    done = 0
+    start = time.monotonic()
+    try:
+        with syncbn.join(net, throw_on_early_termination=True):
+            for step in range(counts[rank]):
+                _loss(net(_batch(rank, step))).backward()
+                done += 1
+    except RuntimeError as error:
+        return {"error": str(error), "done": done, "seconds": time.monotonic() - start}
+    return {"error": None, "done": done, "seconds": time.monotonic() - start}
+
+
+@pytest.mark.parametrize("use_ddp", [True, False], ids=["ddp", "plain"])
+def test_throw_on_early_termination_raises_on_every_rank(use_ddp: bool) -> None:
+    counts = [1, 3, 2]
+    results = harness.run_ranks(3, _throw, counts, use_ddp, timeout=TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank} did not raise"
+        assert result["seconds"] < 15, result
+    assert "exhausted" in results[0]["error"]
+    assert [r["done"] for r in results] == [1, 1, 1]
+
+
+class _Branchy(nn.Module):
+    """A SyncBatchNorm that only runs at even steps (a data-dependent branch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(2)
+        self.body = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        self.extra = nn.BatchNorm1d(4)
+        self.head = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+        self.double()
+
+    def forward(self, x: Tensor, step: int) -> Tensor:
+        h = self.body(x)
+        if step % 2 == 0:
+            h = self.extra(h)
+        return self.head(h)
+
+
+def _skipped_branch(counts: list[int], use_ddp: bool) -> dict[str, Any]:
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(_Branchy())
+    net: nn.Module = model
+    if use_ddp:
+        net = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    dist.barrier()  # a fresh pool's group connects here, not in the measured time
+    start = time.monotonic()
+    try:
+        with syncbn.join(net):
+            for step in range(counts[rank]):
+                net(_batch(rank, step), step).sum().backward()
+    except syncbn.SyncBatchNormError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+@pytest.fixture
+def own_pool() -> Iterator[harness.DistPool]:
+    """Two ranks of their own: after a join error the group may still hold pending work."""
+    pool = harness.DistPool(2)
+    try:
+        yield pool
+    finally:
+        for proc in pool._procs:  # its group is broken: no orderly shutdown to wait for
+            if proc.is_alive():
+                proc.kill()
+        pool.close()
+
+
+@pytest.mark.parametrize("use_ddp", [False, True], ids=["plain", "ddp"])
+def test_layer_skipped_in_the_last_step_is_an_error_on_every_rank(
+        use_ddp: bool, own_pool: harness.DistPool, record_property: Any) -> None:
+    # rank 0 stops after step 1 (the extra layer skipped); rank 1's step 2 runs it
+    results = own_pool.run(_skipped_branch, [2, 3], use_ddp, timeout=TIMEOUT_S)
+    record_property("seconds", [round(r["seconds"], 3) for r in results])
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank} did not raise"
+        assert "syncbn.join" in result["error"], result["error"]
+        assert "drop_last=True" in result["error"], result["error"]
+    assert "'extra' forward" in results[1]["error"]
+    assert max(r["seconds"] for r in results) < 10  # the group's timeout is 20 s
+
+
+def _disabled() -> list[int]:
+    model = syncbn.convert_sync_batchnorm(_model())
+    with syncbn.join(model, enable=False) as ctx:
+        model(_batch(dist.get_rank(), 0)).sum().backward()
+    assert ctx is not None
+    return [int(model[1].num_batches_tracked)]
+
+
+def test_enable_false_is_a_no_op() -> None:
+    assert harness.run_ranks(2, _disabled, timeout=TIMEOUT_S) == [[1], [1]]
