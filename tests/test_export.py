@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -30,19 +29,7 @@ def _trained_net() -> nn.Sequential:
     return net
 
 
-def _forward_writes_attributes() -> bool:
-    """Whether an eval forward of syncbn's layer changes an attribute of the layer."""
-    layer = syncbn.SyncBatchNorm(2).eval()
-    before = {key: value for key, value in vars(layer).items() if not key.startswith("_modules")}
-    layer(torch.randn(3, 2))
-    return any(vars(layer)[key] is not value for key, value in before.items())
 
-
-@pytest.mark.xfail(
-    _forward_writes_attributes(), strict=True,
-    reason="SyncBatchNorm.forward records the input rank on the module (_syncbn_input_ndim): "
-    "strict export reports it as a side effect; runs for real once forward writes nothing",
-)
 def test_strict_export_of_converted_eval_model_without_process_group() -> None:
     assert not dist.is_initialized()
     plain = _trained_net().eval()
