@@ -201,9 +201,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _tolerance(case: dict[str, Any]) -> float:
+    """16-bit: the output and the upstream gradient are rounded to the input dtype (bf16: 8
+    bits), the statistics are float32."""
     if "tol" in case:
         return float(case["tol"])
-    return {torch.bfloat16: 3e-2, torch.float16: 4e-3}.get(case.get("dtype", torch.float64),
+    return {torch.bfloat16: 2e-2, torch.float16: 2e-3}.get(case.get("dtype", torch.float64),
                                                            1e-10)
 
 
@@ -234,7 +236,8 @@ def check_case(name: str, results: list[dict[str, Any]]) -> None:
         assert int(buffers["num_batches_tracked"]) == STEPS
         for key in ("running_mean", "running_var"):
             assert buffers[key].dtype == _layer_dtype(case)
-            assert _rel(buffers[key], want[key]) <= (10 * tol if tol > 1e-8 else tol), (
+            # 16-bit inputs: float32 statistics of the same values, rounded once
+            assert _rel(buffers[key], want[key]) <= (1e-5 if tol > 1e-8 else tol), (
                 name, rank, key)
             assert torch.equal(buffers[key], results[0]["buffers"][key]), (name, key)
 
