@@ -374,7 +374,8 @@ def test_skipped_layer_in_debug_mode_names_both_ranks_at_once(
     for outcome in results:  # every rank raises the same error, naming both layers
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on layer at a SyncBatchNorm collective: "
-                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     assert results[0]["message"] == results[1]["message"]
     _record(record_property, max(r["seconds"] for r in results))
@@ -419,7 +420,8 @@ def test_channel_mismatch_in_debug_mode_names_ranks_and_shapes(
     for outcome in results:
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on channels at a SyncBatchNorm collective: "
-                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     _record(record_property, max(r["seconds"] for r in results))
 
@@ -476,7 +478,8 @@ def test_dtype_mismatch_in_debug_mode_names_ranks_and_dtypes(
     for outcome in results:
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on dtype at a SyncBatchNorm collective: "
-                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     _record(record_property, max(r["seconds"] for r in results))
 
@@ -511,7 +514,8 @@ def test_call_count_mismatch_in_debug_mode_names_the_phases(
     for outcome in results:
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on phase at a SyncBatchNorm collective: "
-                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     _record(record_property, max(r["seconds"] for r in results))
 

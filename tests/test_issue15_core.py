@@ -13,8 +13,8 @@ import os
 import pickle
 import time
 import warnings
-from fractions import Fraction
 from datetime import timedelta
+from fractions import Fraction
 from typing import Any
 
 import pytest
