@@ -168,8 +168,9 @@ def _channels_differ() -> Outcome:
 
 
 def _sizes_differ(kind: str) -> Outcome:
-    """Default mode, paired collectives of different sizes: ``channels`` (2·4+1 vs 2·5+1
-    values) or ``calls`` (rank 0's second forward, 2C+1 values, meets rank 1's backward, 2C)."""
+    """Default mode: ``channels`` pairs collectives of different sizes (2·4+2 vs 2·5+2
+    values); ``calls`` pairs rank 0's second forward with rank 1's backward (both 2C+2
+    values, so the step keys catch it)."""
     channels = 4 + dist.get_rank() if kind == "channels" else CHANNELS
     model = _net(None, channels=channels, timeout=PATIENT_TIMEOUT_S)
     times = 2 if kind == "calls" and dist.get_rank() == 0 else 1
@@ -279,9 +280,21 @@ def _run_allowing_deaths(pool: harness.DistPool, fn: Callable[..., Any], *args: 
 
 
 def _warm_up() -> int:
-    """Import this module in the rank (the first task does) and line the ranks up."""
+    """Import this module in the rank (the first task does), pay the first synchronized
+    step's one-off costs (several seconds on a loaded machine, which would otherwise count
+    against the timeouts under test), and line the ranks up."""
+    layer = syncbn.SyncBatchNorm(3, timeout=PATIENT_TIMEOUT_S, debug=True)
+    layer(torch.randn(4, 3, requires_grad=True)).sum().backward()
+    layer.debug = False
+    layer(torch.randn(4, 3, requires_grad=True)).sum().backward()
     dist.barrier()
     return dist.get_rank()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_pool() -> None:
+    """Every rank of the shared 2-rank pool has run a synchronized step before a fault."""
+    harness.run_ranks(2, _warm_up)
 
 
 @pytest.fixture
@@ -312,6 +325,11 @@ def _site(layer: str, phase: str, call: int | str, channels: int, dtype: str,
     label = layer if layer.startswith("SyncBatchNorm(") else f"SyncBatchNorm '{layer}'"
     return (re.escape(f"{label} (") + phase + re.escape(", call ") + str(call)
             + re.escape(f", C={channels}, {dtype}, input {shape})"))
+
+
+def _row(site: str, eps: str = "1e-05", momentum: str = "0.1") -> str:
+    """A rank's line in a debug-mode disagreement: its description, then eps and momentum."""
+    return site + re.escape(f" eps={eps} momentum={momentum}")
 
 
 def _record(record_property: Callable[[str, object], None], seconds: float) -> None:
@@ -356,7 +374,8 @@ def test_skipped_layer_in_debug_mode_names_both_ranks_at_once(
     for outcome in results:  # every rank raises the same error, naming both layers
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on layer at a SyncBatchNorm collective: "
-                        rf"rank 0: {site0}; rank 1: {site1}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     assert results[0]["message"] == results[1]["message"]
     _record(record_property, max(r["seconds"] for r in results))
@@ -401,14 +420,13 @@ def test_channel_mismatch_in_debug_mode_names_ranks_and_shapes(
     for outcome in results:
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on channels at a SyncBatchNorm collective: "
-                        rf"rank 0: {site0}; rank 1: {site1}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     _record(record_property, max(r["seconds"] for r in results))
 
 
-@pytest.mark.parametrize("kind", ["channels", "calls"])
 def test_size_mismatch_in_default_mode_aborts_a_rank_and_the_others_raise(
-    kind: str,
     dedicated_pool: Callable[[int], harness.DistPool],
     record_property: Callable[[str, object], None],
 ) -> None:
@@ -417,14 +435,14 @@ def test_size_mismatch_in_default_mode_aborts_a_rank_and_the_others_raise(
     every survivor's collective then fails on the closed connection. Never a hang."""
     pool = dedicated_pool(2)
     start = time.monotonic()
-    outcomes = _run_allowing_deaths(pool, _sizes_differ, kind, timeout=30.0)
+    outcomes = _run_allowing_deaths(pool, _sizes_differ, "channels", timeout=30.0)
     elapsed = time.monotonic() - start
     died = {r: o["died"] for r, o in outcomes.items() if "died" in o}
     survivors = {r: o for r, o in outcomes.items() if "died" not in o}
     assert len(died) == 1 and set(died.values()) == {-signal.SIGABRT}, outcomes
     for rank, outcome in survivors.items():
-        channels = 4 + rank if kind == "channels" else CHANNELS
-        call = "(0|1)" if kind == "calls" else "0"
+        channels = 4 + rank
+        call = "0"
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(_site("1", "(forward|backward)", call, channels, "float32",
                               f"({BATCH}, {channels})"), outcome["message"]), outcome
@@ -436,6 +454,21 @@ def test_size_mismatch_in_default_mode_aborts_a_rank_and_the_others_raise(
                                        for o in survivors.values()])
 
 
+def test_extra_forward_meeting_a_backward_is_out_of_step_on_every_rank(
+    record_property: Callable[[str, object], None]
+) -> None:
+    """Default mode: rank 0's second forward meets rank 1's backward; both buffers are
+    2C+2 values, so nothing aborts and the step keys make every rank raise at once."""
+    results = harness.run_ranks(2, _sizes_differ, "calls")
+    for rank, phase, call in ((0, "forward", 1), (1, "backward", 0)):
+        outcome = results[rank]
+        assert outcome["error"] == "SyncBatchNormError", outcome
+        assert re.match(_site("1", phase, call, CHANNELS, "float32", f"({BATCH}, {CHANNELS})")
+                        + ": the ranks are out of step", outcome["message"]), outcome
+        assert outcome["seconds"] < PROMPT_S, outcome
+    _record(record_property, max(r["seconds"] for r in results))
+
+
 def test_dtype_mismatch_in_debug_mode_names_ranks_and_dtypes(
     record_property: Callable[[str, object], None]
 ) -> None:
@@ -445,7 +478,8 @@ def test_dtype_mismatch_in_debug_mode_names_ranks_and_dtypes(
     for outcome in results:
         assert outcome["error"] == "SyncBatchNormError", outcome
         assert re.match(rf"ranks disagree on dtype at a SyncBatchNorm collective: "
-                        rf"rank 0: {site0}; rank 1: {site1}\.", outcome["message"]), outcome
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     _record(record_property, max(r["seconds"] for r in results))
 
@@ -470,7 +504,7 @@ def test_dtype_mismatch_in_default_mode_is_harmless() -> None:
         torch.testing.assert_close(results[0][name].double(), expect, rtol=1e-6, atol=1e-6)
 
 
-def test_call_count_mismatch_in_debug_mode_names_call_and_phase(
+def test_call_count_mismatch_in_debug_mode_names_the_phases(
     record_property: Callable[[str, object], None]
 ) -> None:
     """Debug mode from SYNCBN_DEBUG=1: rank 0's second forward meets rank 1's backward."""
@@ -479,8 +513,9 @@ def test_call_count_mismatch_in_debug_mode_names_call_and_phase(
     site1 = _site("1", "backward", 0, CHANNELS, "float32", f"({BATCH}, {CHANNELS})")
     for outcome in results:
         assert outcome["error"] == "SyncBatchNormError", outcome
-        assert re.match(rf"ranks disagree on call, phase at a SyncBatchNorm collective: "
-                        rf"rank 0: {site0}; rank 1: {site1}\.", outcome["message"]), outcome
+        assert re.match(rf"ranks disagree on phase at a SyncBatchNorm collective: "
+                        rf"rank 0: {_row(site0)}; rank 1: {_row(site1)}\.",
+                        outcome["message"]), outcome
         assert outcome["seconds"] < PROMPT_S, outcome
     _record(record_property, max(r["seconds"] for r in results))
 

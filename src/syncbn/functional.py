@@ -251,6 +251,13 @@ def synchronized_batch_norm(
     The running statistics are updated by one custom op, which skips itself
     inside a checkpoint's recompute.
     """
+    if process_group is not None and input.is_meta and not torch.compiler.is_compiling():
+        raise ValueError(
+            f"{_comm.layer_label(site.layer if site is not None else 'SyncBatchNorm')}: meta "
+            "tensors hold no data, so their batch statistics cannot be synchronized over a "
+            "process group; materialize the model first (e.g. model.to_empty(device='cpu') "
+            "and load its weights), or use eval mode"
+        )
     if process_group is not None and site is None:
         site = call_site(input, "SyncBatchNorm", timeout_s=None, debug=None, eps=eps,
                          decay=decay)

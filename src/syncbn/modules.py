@@ -153,6 +153,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         weight: Tensor | None = self.weight
         if self.inplace:
             weight = check_inplace(input, weight, self.bias, self.activation, self.layer_name)
+        # reads SYNCBN_TIMEOUT / SYNCBN_DEBUG: a bad value is refused before anything counts
+        site = call_site(input, self.layer_name, self.timeout, self.debug, eps=self.eps,
+                         decay=1.0 - (0.0 if momentum is None else momentum))
         tracked = self.track_running_stats
         if tracked and self.num_batches_tracked is not None:
             count_step_(self.num_batches_tracked)
@@ -161,8 +164,6 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             call = self._syncbn_calls
             if not is_recomputing():
                 self._syncbn_calls += 1
-        site = call_site(input, self.layer_name, self.timeout, self.debug, eps=self.eps,
-                         decay=1.0 - (0.0 if momentum is None else momentum))
         out = batch_norm_train(
             input, self.running_mean if tracked else None, self.running_var if tracked else None,
             weight, self.bias, momentum, self.eps, self.process_group, site,
