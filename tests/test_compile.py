@@ -314,7 +314,9 @@ def _variants_case() -> dict[str, Any]:
                           syncbn.SyncBatchNorm(4)).to(torch.bfloat16)
             for _ in range(2)]
     bf16[1].load_state_dict(bf16[0].state_dict())
-    compare("bfloat16", *bf16, lambda: (x.to(torch.bfloat16),), rtol=5e-2)
+    # outputs and running statistics only: in bfloat16 the bias gradients (Σdy with
+    # dy = 2y, y centred by BN) are rounding noise around 0 in eager and compiled alike
+    compare("bfloat16", *bf16, lambda: (x.to(torch.bfloat16),), rtol=5e-2, grads=False)
     return facts
 
 
