@@ -121,3 +121,59 @@ def test_cases_cover_ranks_dtypes_and_formats() -> None:
         torch.contiguous_format, torch.channels_last, torch.channels_last_3d,
     }
     assert len({c.name for c in cases}) == len(cases)
+
+
+# ---------------------------------------------------------------------------
+# --nproc under torchrun, and what the timing lines say
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("fake_torchrun")
+def test_nproc_under_torchrun_other_than_world_size_names_nproc_per_node(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--nproc", "2", "--iters", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--nproc 2 disagrees with torchrun's WORLD_SIZE=1" in err
+    assert "`torchrun --nproc-per-node 2 -m syncbn ...`" in err
+    assert "leave --nproc out" in err
+
+
+@pytest.mark.usefixtures("fake_torchrun")
+def test_nproc_equal_to_torchrun_world_size_is_accepted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--nproc", "1", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "world size 1, launcher torchrun" in out
+
+
+def test_torchrun_itself_refuses_nproc_as_ambiguous(tmp_path: Path) -> None:
+    """Why the docs say ``--nproc-per-node``: torchrun's parser does not take ``--nproc``."""
+    run = run_syncbn(
+        "--standalone", "--nproc", "2", "-m", "syncbn", "check",
+        cwd=tmp_path, timeout=60, module="torch.distributed.run",
+    )
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "ambiguous option: --nproc" in run.stderr
+
+
+@pytest.mark.usefixtures("fake_torchrun")
+def test_timing_says_what_is_measured_and_against_what(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--iters", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("timing:"))
+    shape = str(_check.TIMING_SHAPE)
+    for part in (
+        "wall ms of one training forward+backward of one layer", f"input {shape} float32",
+        "median of 2", "slowest rank",
+        "×local = that time / unsynchronized torch.nn.BatchNorm2d's on cpu",
+        "mostly collective latency",
+    ):
+        assert part in header, header
+    rows = lines[lines.index(header) + 1:][:2]
+    local_row = r"  torch\.nn\.BatchNorm2d \(local\)\s+\d+\.\d{3} ms\s+1\.00×local"
+    assert re.fullmatch(local_row, rows[0])
+    assert re.fullmatch(r"  syncbn\.SyncBatchNorm\s+\d+\.\d{3} ms\s+\d+\.\d{2}×local", rows[1])

@@ -14,7 +14,12 @@ that global batch; syncbn must match it in:
 - dtype and memory format of the output and input gradient.
 
 Each error is ``max |actual − expected| / max(1, max |expected|)``, the worst
-over all ranks. Then forward+backward is timed against local BatchNorm.
+over all ranks. Then one layer's training forward+backward on a small
+``TIMING_SHAPE`` input is timed (median wall milliseconds, slowest rank), for
+syncbn and, on CUDA, ``torch.nn.SyncBatchNorm``, and reported as a ratio to
+unsynchronized ``torch.nn.BatchNorm2d`` on the same input: on a layer this
+small the ratio is mostly the latency of the two collectives, not syncbn's
+arithmetic (``benchmarks/`` measures realistic shapes).
 Nothing here comes from the test suite: the command is part of the package,
 to run where the tests cannot, e.g. under ``torchrun`` on a real cluster.
 """
@@ -46,6 +51,9 @@ TOLERANCE: dict[torch.dtype, float] = {
     torch.float64: 1e-10,
 }
 """Largest accepted scaled error (see the module doc) per input dtype."""
+
+TIMING_SHAPE: tuple[int, int, int, int] = (8, 32, 16, 16)
+"""Per-rank input of the timing: small, so it shows the fixed cost of the two collectives."""
 
 METRICS = ("out", "grad_in", "grad_w", "grad_b", "run_mean", "run_var", "eval")
 
@@ -326,7 +334,7 @@ def _timings(env: DistEnv, config: CheckConfig) -> list[tuple[str, float]]:
     """Forward+backward of local BatchNorm2d, syncbn, and (on CUDA) torch.nn.SyncBatchNorm."""
     import syncbn
 
-    shape = (8, 32, 16, 16)
+    shape = TIMING_SHAPE
     gen = torch.Generator().manual_seed(config.seed + env.rank)
     x = torch.randn(*shape, generator=gen).to(env.device)
     grad = torch.randn(*shape, generator=gen).to(env.device)
@@ -412,10 +420,14 @@ def _print_report(
         base = timings[0][1]
         lines += [
             "",
-            f"timing: training forward+backward, input (8, 32, 16, 16) float32 per rank, "
-            f"median of {config.iters}, slowest rank",
+            f"timing: wall ms of one training forward+backward of one layer, input "
+            f"{TIMING_SHAPE} float32 per rank, median of {config.iters}, slowest rank; "
+            f"×local = that time / unsynchronized torch.nn.BatchNorm2d's on {config.device} "
+            "(on a layer this small the sync layers' time is mostly collective latency)",
         ]
-        lines += [f"  {name:<30} {ms:>8.3f} ms  {ms / base:>6.2f}× local" for name, ms in timings]
+        lines += [
+            f"  {name:<30} {ms:>8.3f} ms  {ms / base:>6.2f}×local" for name, ms in timings
+        ]
     failed = [o for o in outcomes if not o.passed]
     lines.append("")
     if failed:

@@ -485,15 +485,25 @@ def _stop(processes: Sequence[multiprocessing.process.BaseProcess], wait_s: floa
 
 
 def check_torchrun_options(nproc: int | None, port: int | None, world_size: int) -> None:
-    """Under torchrun, ``--nproc`` must agree with its world size and ``--port`` is unused.
+    """Under torchrun, ``--nproc`` is torchrun's business and ``--port`` is unused.
+
+    torchrun's own option is ``--nproc-per-node`` (its parser refuses the
+    abbreviation ``--nproc`` as ambiguous), and an ``--nproc`` written after
+    ``-m syncbn check`` reaches syncbn, not torchrun. So ``--nproc`` is
+    accepted only when it equals torchrun's ``WORLD_SIZE`` (the total over all
+    nodes, a redundant but true statement); any other value is refused with
+    the torchrun command that gives that many ranks, rather than ignored, so
+    nobody believes a check ran on ranks it never had.
 
     Raises:
         UsageError: with the fix.
     """
     if nproc is not None and nproc != world_size:
         raise UsageError(
-            f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE={world_size}; "
-            "under torchrun the world size comes from torchrun, so leave --nproc out"
+            f"--nproc {nproc} disagrees with torchrun's WORLD_SIZE={world_size}; under "
+            "torchrun the ranks are torchrun's (WORLD_SIZE = --nnodes x --nproc-per-node), "
+            f"so set their count with torchrun's own option, e.g. `torchrun --nproc-per-node "
+            f"{max(nproc, 1)} -m syncbn ...`, and leave --nproc out"
         )
     if port is not None:
         raise UsageError(
