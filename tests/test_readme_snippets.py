@@ -50,7 +50,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 SHELL_DOCS = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
-PADDLE_DATA = Path(os.environ.get("SYNCBN_PADDLE_DATA", "/work/shared/data/paddle"))
+PADDLE_DATA = Path(os.environ.get(
+    "SYNCBN_PADDLE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "paddle"))
 OPTIONAL = ("lightning", "pytorch_lightning", "timm", "accelerate", "onnx", "onnxscript",
             "torchvision", "sklearn", "matplotlib", "tqdm", "paddle")
 SKIP_MARK = re.compile(r"^<!--\s*snippet:\s*skip\s*(?:\((?P<reason>.*)\))?\s*-->$")
@@ -168,7 +169,10 @@ def test_readme_python_snippet_runs(block: Block, tmp_path: Path) -> None:
         f"README snippet at {block.where} failed (exit {run.returncode}); line numbers below "
         f"are README.md's:\n{run.stderr[-4000:]}"
     )
-    assert "Warning" not in run.stderr, f"{block.where} warned:\n{run.stderr[-4000:]}"
+    # torch 2.13's own deprecation warning from inside inductor (see pyproject's filters)
+    stderr = "\n".join(line for line in run.stderr.splitlines()
+                       if "torch.jit.script_method" not in line and line.strip() != "warnings.warn(")
+    assert "Warning" not in stderr, f"{block.where} warned:\n{stderr[-4000:]}"
 
 
 # ---------------------------------------------------------------------------
