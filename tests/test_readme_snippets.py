@@ -170,8 +170,9 @@ def test_readme_python_snippet_runs(block: Block, tmp_path: Path) -> None:
         f"are README.md's:\n{run.stderr[-4000:]}"
     )
     # torch 2.13's own deprecation warning from inside inductor (see pyproject's filters)
-    stderr = "\n".join(line for line in run.stderr.splitlines()
-                       if "torch.jit.script_method" not in line and line.strip() != "warnings.warn(")
+    stderr = "\n".join(
+        line for line in run.stderr.splitlines()
+        if "torch.jit.script_method" not in line and line.strip() != "warnings.warn(")
     assert "Warning" not in stderr, f"{block.where} warned:\n{stderr[-4000:]}"
 
 
