@@ -323,6 +323,8 @@ def _site(layer: str, phase: str, call: int | str, channels: int, dtype: str,
     """A regex of the description every collective error starts with (CallSite.describe);
     ``phase`` and ``call`` may themselves be regexes."""
     label = layer if layer.startswith("SyncBatchNorm(") else f"SyncBatchNorm '{layer}'"
+    if phase == "forward" and call == 0:  # a fresh layer's first collective exchanges its shift
+        phase = "(?:shift|forward)"
     return (re.escape(f"{label} (") + phase + re.escape(", call ") + str(call)
             + re.escape(f", C={channels}, {dtype}, input {shape})"))
 

@@ -14,6 +14,7 @@ from . import _checks, _comm, _stats
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
 from ._pickling import GroupPicklingMixin, check_group_travelled
+from ._step import ShiftRef
 from .functional import batch_norm_train, call_site
 
 __all__ = ["SyncBatchNorm"]
@@ -123,6 +124,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         self._syncbn_name = name
         self._syncbn_group_lost = False
         self._syncbn_calls = 0
+        self._syncbn_shift = ShiftRef()
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -170,8 +172,18 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             inplace_activation=self.activation if self.inplace else None, mask=mask,
             call=call,
             num_batches_tracked=self.num_batches_tracked if tracked else None,
+            shift_ref=self._shift_ref(),
         )
         return out if self.inplace else self.activation.apply(out)
+
+    def _shift_ref(self) -> ShiftRef:
+        """The layer's :class:`ShiftRef` (made on first use for layers built before it existed,
+        e.g. unpickled from an older syncbn)."""
+        ref: ShiftRef | None = self.__dict__.get("_syncbn_shift")
+        if ref is None:
+            ref = ShiftRef()
+            self._syncbn_shift = ref
+        return ref
 
     def _check_group(self) -> None:
         """The layer's group must be usable; errors name the layer."""

@@ -1,0 +1,403 @@
+"""The lean training step: decided once per signature, then only the kernels the math needs.
+
+Everything that depends only on a layer's settings and the input's signature
+(shape, dtype, device, memory format, parameters present, group, mode) is decided
+once and cached in a :class:`StepPlan`: the reduction dims, the local count, the
+statistics method, the step keys and the constant tails of the packed buffers.
+The steady-state step (eager, no mask, no in-place activation, at least 2 values
+per channel on this rank) then runs, per layer (CPU, float32):
+
+forward (18 kernels)::
+
+    num_batches_tracked += 1                                            1
+    d = x − s;  (v, m) = var_mean(d) | Σd, Σd²;  pack [n·m, n·(v + m²), n, key]   5
+    all_reduce (2C + 2 float64; on CPU the count and key are read, no kernel)     1
+    q = [S₁, S₂]/(N − 1);  var_u = q₂ − q₁²·(N − 1)/N ≥ 0;  μ = s + q₁·(N − 1)/N   4
+    invstd = (eps + var_u·(N − 1)/N)^(−1/2);  R = [w·invstd, w·invstd²]           4
+    running_mean, running_var ← lerp(μ, var_u)                                  2
+    y = (x − μ)·R₁ + β        (torch's inference batch-norm kernel)               1
+
+backward (6 kernels)::
+
+    [Σdy, Σdy·x̂]  (torch's batch-norm backward reduction)                       1
+    pack [Σdy, Σdy·x̂, 0, key];  all_reduce                                       2
+    [c', b] = −[Σdy, Σdy·x̂]·R/N                                                 1
+    dx = (x − μ)·b + c' + R₁·dy   (inference kernel, then a multiply-add)         2
+
+``s`` is the layer's shift (:class:`ShiftRef`): the global mean of its previous
+step, identical on every rank, so the moments about it lose nothing to
+cancellation (relative error ε·((μ − s)/σ)², with ``μ − s`` a fraction of σ).
+A layer with no previous step exchanges one first (:func:`exchange_shift`, one
+more all-reduce of the same size, phase ``"shift"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _comm, _policy, _stats
+
+SMALL_NUMEL = 1 << 17
+"""Up to this many input values ``var_mean`` (one kernel) takes the local moments; above it,
+two plain sums over the shifted input, which are faster for contiguous N-C-spatial
+layouts on CPU (torch's Welford reduction over dims (0, 2, 3) is ~10× slower there)."""
+
+
+class ShiftRef:
+    """The point a layer's moments are taken about: its last global mean (or ``None``).
+
+    Every rank computes the global mean from the same all-reduced sums in the
+    same way, so every rank holds the same value bitwise, and the next step's
+    moments about it are exact (see ``_stats``). It is not part of the
+    ``state_dict``: a layer that has not run a synchronized step in this process
+    (new, unpickled without one, moved to another device or dtype) exchanges a
+    shift first. ``copy.deepcopy`` and pickling keep it.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+    def get(self, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        value = self.value
+        if value is None or value.device != device or value.dtype != dtype:
+            return None
+        return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"value": self.value}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.value = state["value"]
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ShiftRef:
+        copy = ShiftRef()
+        copy.value = None if self.value is None else self.value.clone()
+        return copy
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one layer's training step does for one input signature (built once, cached)."""
+
+    channels: int
+    ndim: int
+    dims: tuple[int, ...]
+    count: int  # local values per channel
+    acc: torch.dtype
+    sums: bool  # two plain sums (large inputs) instead of var_mean
+    reads: bool  # host reads allowed (see _policy)
+    key_forward: int
+    key_backward: int
+    tail_forward: Tensor  # float64 [1, key] (var_mean) or [n, key] (sums); CPU keys folded later
+    scale_forward: Tensor | None  # float64 [n]*2C + [n, 1]: turns means into sums (var_mean)
+    tail_backward: Tensor  # float64 [0, key]
+    ones: Tensor  # (C,) acc: the unit variance of the inference kernel
+    eps_vec: Tensor  # (C,) acc filled with eps
+    zeros2: Tensor  # (2, C) acc
+    sixteen_bit: bool
+
+    def shape_c(self) -> list[int]:
+        return [1, self.channels, *([1] * (self.ndim - 2))]
+
+
+_plans: dict[tuple[Any, ...], StepPlan] = {}
+_MAX_PLANS = 512
+
+
+def plan_for(x: Tensor, site: _comm.CallSite, eps: float) -> StepPlan:
+    """The cached :class:`StepPlan` of this input signature and layer."""
+    signature = (tuple(x.shape), x.dtype, x.device, x.stride(), site, eps,
+                 _policy.host_reads(x.device))
+    plan = _plans.get(signature)
+    if plan is None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        plan = _build_plan(x, site, eps)
+        _plans[signature] = plan
+    return plan
+
+
+def _build_plan(x: Tensor, site: _comm.CallSite, eps: float) -> StepPlan:
+    channels, ndim = x.size(1), x.dim()
+    count = _stats.local_count(x.shape)
+    acc = _stats.acc_dtype(x.dtype)
+    sums = x.numel() > SMALL_NUMEL and x.is_contiguous() and x.device.type == "cpu"
+    key_f = _comm.step_key(site.layer, "forward", channels, site.eps, site.decay)
+    key_b = _comm.step_key(site.layer, "backward", channels, site.eps, site.decay)
+    f64 = dict(dtype=torch.float64, device=x.device)
+    tail_f = torch.tensor([float(count) if sums else 1.0, float(key_f)], **f64)  # type: ignore[arg-type]
+    scale = None
+    if not sums:
+        scale = torch.full((2 * channels + 2,), float(count), **f64)  # type: ignore[arg-type]
+        scale[-1] = 1.0
+    return StepPlan(
+        channels=channels, ndim=ndim, dims=tuple(_stats.reduce_dims(ndim)), count=count,
+        acc=acc, sums=sums, reads=_policy.host_reads(x.device), key_forward=key_f,
+        key_backward=key_b, tail_forward=tail_f, scale_forward=scale,
+        tail_backward=torch.tensor([0.0, float(key_b)], **f64),  # type: ignore[arg-type]
+        ones=torch.ones(channels, dtype=acc, device=x.device),
+        eps_vec=torch.full((channels,), float(eps), dtype=acc, device=x.device),
+        zeros2=torch.zeros(2, channels, dtype=acc, device=x.device),
+        sixteen_bit=x.dtype in (torch.float16, torch.bfloat16),
+    )
+
+
+def exchange_shift(x: Tensor, mask: Tensor | None, group_name: str | None,
+                   site: _comm.CallSite | None, call: int) -> Tensor:
+    """A shift every rank holds alike: the global mean, from one all-reduce of ``2C + 2``
+    float64 values ``[Σx, 0, count, key]`` (phase ``"shift"``); without a group, the local
+    mean. Costs one collective: paid by a layer's first synchronized step in a process
+    (and, in compiled code, by every step of a layer with no running mean to start from).
+    """
+    acc = _stats.acc_dtype(x.dtype)
+    dims = _stats.reduce_dims(x.dim())
+    with torch.no_grad():
+        values = x.detach()
+        if mask is None:
+            total = values.sum(dims, dtype=torch.float64)
+            count = total.new_full((1,), float(_stats.local_count(x.shape)))
+        else:
+            valid = mask.unsqueeze(1)
+            total = torch.where(valid, values, 0).sum(dims, dtype=torch.float64)
+            count = mask.sum(dtype=torch.float64).reshape(1)
+        buffer = torch.cat([total, torch.zeros_like(total), count, count.new_zeros(1)])
+        if group_name is not None:
+            assert site is not None, "a group needs a CallSite"
+            buffer = _comm.all_reduce_checked(buffer, group_name, site, "shift", call, x.shape)
+        channels = total.numel()
+        mean = buffer[:channels] / buffer[2 * channels:2 * channels + 1].clamp_min(1.0)
+        return torch.where(torch.isfinite(mean), mean, 0.0).to(acc)
+
+
+def lean_applies(x: Tensor, mask: Tensor | None, inplace: bool, group_name: str | None) -> bool:
+    """Whether the lean step runs: eager, no dispatch mode, plain tensors, a group, no mask,
+    no in-place activation, and at least 2 values per channel on this rank."""
+    return (group_name is not None and mask is None and not inplace
+            and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0 and type(x) is Tensor
+            and _stats.local_count(x.shape) >= 2)
+
+
+def lean_batch_norm(
+    x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, *, eps: float, decay: float,
+    unbiased_var: bool, group_name: str, site: _comm.CallSite, call: int,
+    num_batches_tracked: Tensor | None, cumulative: bool, shift: ShiftRef,
+    update_running: bool,
+) -> Tensor:
+    """The steady-state synchronized training step (see the module docstring)."""
+    plan = plan_for(x, site, eps)
+    channels = plan.channels
+    s = shift.get(x.device, plan.acc)
+    if s is None:
+        s = exchange_shift(x, None, group_name, site, call)
+    with torch.no_grad():
+        xd = x.detach()
+        d = xd - s.view(plan.shape_c())
+        if plan.sums:
+            s1 = d.sum(plan.dims)
+            s2 = d.square_().sum(plan.dims)
+            tail, key = _tail(plan, running_mean)
+            packed = torch.cat([s1, s2, tail])
+        else:
+            var, mean_d = torch.var_mean(d, plan.dims, correction=0)
+            second = torch.addcmul(var, mean_d, mean_d)
+            tail, key = _tail(plan, running_mean)
+            packed = torch.cat([mean_d, second, tail])
+            assert plan.scale_forward is not None
+            packed.mul_(plan.scale_forward)
+        counts = _comm.reduce_checked_(packed, group_name, site, "forward", call, x.shape, key)
+        merged = merge(packed, s, counts, plan.acc, plan.eps_vec, unbiased_var)
+        scales = torch.empty((2, channels), dtype=plan.acc, device=x.device)
+        if weight is None:
+            scales[0].copy_(merged.inv_std)
+        else:
+            torch.mul(merged.inv_std, weight.detach(), out=scales[0])
+        torch.mul(scales[0], merged.inv_std, out=scales[1])
+        if update_running:
+            update_running_(running_mean, running_var, merged, decay,
+                            num_batches_tracked if cumulative else None, plan.acc)
+        mean = merged.mean
+        shift.value = mean
+    out: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, mean, merged.inv_std, scales, plan, group_name, site, call,
+        merged.total)
+    return out
+
+
+def _tail(plan: StepPlan, running_mean: Tensor | None) -> tuple[Tensor, int]:
+    """The forward tail and key; on CPU the running mean's CRC is folded into the key
+    (:func:`_comm.fold_state`, no kernel), so ranks whose running statistics differ are
+    out of step."""
+    if not plan.reads or running_mean is None:
+        return plan.tail_forward, plan.key_forward
+    key = _comm.fold_state(plan.key_forward, running_mean)
+    first = float(plan.count) if plan.sums else 1.0
+    return torch.tensor([first, float(key)], dtype=torch.float64), key
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Global statistics in the accumulation dtype, from the summed packing."""
+
+    mean: Tensor  # μ
+    inv_std: Tensor  # 1/√(σ² + eps), σ² biased
+    batch_var: Tensor  # the variance the running variance takes (unbiased or biased)
+    total: float | Tensor  # N: a host float (CPU) or a (1,) tensor (accelerators)
+    update: float | Tensor  # 1.0/0.0 or a tensor: whether the running statistics move (N > 1)
+
+
+def merge(packed: Tensor, shift: Tensor, counts: tuple[float, float] | None,
+          acc: torch.dtype, eps_vec: Tensor, unbiased_var: bool) -> Merged:
+    """μ, 1/√(σ² + eps) and the running-variance target from ``[S₁, S₂, N, key]`` summed over
+    the ranks (``S₁ = Σ(x − s)``, ``S₂ = Σ(x − s)²``).
+
+    ``μ = s + S₁/N`` and ``σ² = S₂/N − (S₁/N)²`` (the all-reduce form of Chan,
+    Golub & LeVeque's merge; see ``_stats``), written so that the unbiased variance
+    comes first: with ``q = [S₁, S₂]/(N − 1)``,
+    ``σ²·N/(N − 1) = q₂ − q₁²·(N − 1)/N`` and ``μ = s + q₁·(N − 1)/N``. Every rank runs
+    this same code on the same sums, so all hold bitwise identical statistics.
+    ``N ≤ 1`` (every rank empty, or one value) gives ``μ = s + S₁``, ``σ² = 0`` and
+    no running update. ``counts`` is the host ``(N, key sum)`` where host reads are
+    allowed (see ``_policy``), else ``None`` and N stays on the device.
+    """
+    channels = eps_vec.numel()
+    sums = packed[:2 * channels].view(2, channels)
+    q = torch.empty((2, channels), dtype=acc, device=packed.device)
+    if counts is not None and counts[0] >= 2:
+        total = counts[0]
+        ratio = (total - 1.0) / total
+        torch.div(sums, total - 1.0, out=q)
+        var_u = torch.addcmul(q[1], q[0], q[0], value=-ratio).clamp_min_(0.0)
+        mean = torch.add(shift, q[0], alpha=ratio)
+        var_eps = torch.add(eps_vec, var_u, alpha=ratio)
+        batch_var = var_u if unbiased_var else var_u * ratio
+        return Merged(mean, var_eps.rsqrt_(), batch_var, total, 1.0)
+    if counts is not None:
+        total = counts[0]
+        torch.div(sums, max(total, 1.0), out=q)
+        divisor: float | Tensor = max(total, 1.0)
+        update: float | Tensor = 0.0
+    else:
+        total_t = packed[2 * channels:2 * channels + 1]
+        divisor = total_t.clamp_min(1.0)
+        torch.div(sums, divisor, out=q)
+        update = (total_t > 1).to(acc)
+        total = total_t.to(acc)
+    var_b = torch.addcmul(q[1], q[0], q[0], value=-1.0).clamp_min_(0.0)
+    mean = torch.add(shift, q[0])
+    inv_std = (var_b + eps_vec).rsqrt_()
+    batch_var = var_b
+    if unbiased_var and isinstance(divisor, Tensor):
+        batch_var = var_b * (divisor / (divisor - 1.0).clamp_min(1.0)).to(acc)
+    return Merged(mean, inv_std, batch_var, total, update)
+
+
+def update_running_(running_mean: Tensor | None, running_var: Tensor | None, merged: Merged,
+                    decay: float, num_batches_tracked: Tensor | None, acc: torch.dtype) -> None:
+    """``running ← running + w·(batch − running)`` with ``w = 1 − decay`` (or
+    ``1/num_batches_tracked`` for the cumulative average), where ``N > 1``."""
+    if isinstance(merged.update, float) and merged.update == 0.0:
+        return
+    if num_batches_tracked is not None:
+        if isinstance(merged.update, float) and _policy.host_reads(num_batches_tracked.device):
+            weight: float | Tensor = 1.0 / max(float(num_batches_tracked.tolist()), 1.0)
+        else:
+            weight = num_batches_tracked.clamp_min(1).reciprocal().to(acc)
+    else:
+        weight = 1.0 - decay
+    if isinstance(merged.update, Tensor):
+        weight = merged.update * weight
+    if running_mean is not None:
+        running_mean.lerp_(merged.mean.to(running_mean.dtype), _weight_as(weight, running_mean))
+    if running_var is not None:
+        running_var.lerp_(merged.batch_var.to(running_var.dtype),
+                          _weight_as(weight, running_var))
+
+
+def _weight_as(weight: float | Tensor, like: Tensor) -> float | Tensor:
+    return weight if isinstance(weight, float) else weight.to(like.dtype)
+
+
+def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prime: Tensor,
+               plan: StepPlan) -> Tensor:
+    """``dx = a·dy + b·(x − μ) + c'`` per channel, in ``x``'s dtype and memory format.
+
+    float32/float64: torch's inference batch-norm kernel gives ``(x − μ)·b + c'``
+    (unit variance, eps 0), then one multiply-add. 16-bit inputs: the whole sum in
+    float32, rounded once (``a·dy`` and ``b·x + c`` rounded apart cancel badly when
+    ``dy`` is mostly a per-channel constant plus a multiple of x̂).
+    """
+    if plan.sixteen_bit:
+        shape = plan.shape_c()
+        c = torch.addcmul(c_prime, b, mean, value=-1.0)
+        out = torch.addcmul(c.view(shape), x, b.view(shape))
+        return out.addcmul_(dy, a.view(shape)).to(x.dtype)
+    out = torch.batch_norm(x, b, c_prime, mean, plan.ones, False, 0.0, 0.0, False)
+    return out.addcmul_(dy, a.view(plan.shape_c()))
+
+
+class LeanBatchNormFunction(torch.autograd.Function):
+    """``y = (x − μ)·w·invstd + β`` with global μ and invstd; exact gradients through them.
+
+    ``scales`` holds ``[a, a·invstd]`` with ``a = w·invstd``; backward all-reduces
+    ``[Σdy, Σdy·x̂]`` (``2C + 2`` float64 with the tail) and applies
+    ``dx = a·dy + b·(x − μ) + c'`` with ``[c', b] = −[Σdy, Σdy·x̂]·[a, a·invstd]/N``,
+    the expansion of ``dx = a·(dy − Σdy/N − x̂·Σ(dy·x̂)/N)`` (Ioffe & Szegedy 2015, §3;
+    see ``_stats.input_grad_coefficients``). ``grad_weight = Σdy·x̂`` and
+    ``grad_bias = Σdy`` stay local (DDP sums them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                mean: Tensor, inv_std: Tensor, scales: Tensor, plan: StepPlan,
+                group_name: str, site: _comm.CallSite, call: int,
+                total: float | Tensor) -> Tensor:
+        ctx.plan, ctx.group_name, ctx.site, ctx.call = plan, group_name, site, call
+        ctx.total = total  # the forward's global count: a host float (CPU) or a tensor
+        ctx.shape = tuple(x.shape)
+        ctx.weight_dtype = None if weight is None else weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, mean, inv_std, scales)
+        if bias is not None and bias.dtype != plan.acc:  # a 16-bit layer: the kernel wants acc
+            bias = bias.to(plan.acc)
+        return torch.batch_norm(x, scales[0], bias, mean, plan.ones, False, 0.0, 0.0, False)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        site: _comm.CallSite = ctx.site
+        if torch.is_grad_enabled():
+            from ._autograd import double_backward_error
+
+            raise double_backward_error(site.layer)
+        x, mean, inv_std, scales = ctx.saved_tensors
+        plan: StepPlan = ctx.plan
+        channels = plan.channels
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, x, None, None, None, mean, inv_std, True, 0.0, [False, True, True])
+        packed = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward])
+        _comm.reduce_checked_(packed, ctx.group_name, site, "backward", ctx.call, ctx.shape,
+                              plan.key_backward)
+        sums = packed[:2 * channels].view(2, channels)
+        coeffs = torch.empty((2, channels), dtype=plan.acc, device=x.device)
+        total = ctx.total
+        if isinstance(total, float):
+            torch.addcmul(plan.zeros2, sums, scales, value=-1.0 / total, out=coeffs)
+        else:
+            torch.mul(sums, scales, out=coeffs)
+            coeffs.div_(-total)
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            grad_input = input_grad(x, dy, mean, scales[0], coeffs[1], coeffs[0], plan)
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = sum_dy_xhat.to(ctx.weight_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(ctx.bias_dtype)
+        return (grad_input, grad_weight, grad_bias, *(None,) * 8)
