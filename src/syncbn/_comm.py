@@ -243,8 +243,7 @@ def fold_state(key: int, running_mean: Tensor | None) -> int:
     so that ranks whose running statistics differ are out of step as well."""
     if running_mean is None or not _policy.host_reads(running_mean.device):
         return key
-    data = running_mean.detach().view(torch.uint8).numpy().tobytes()
-    return (key + zlib.crc32(data)) % (1 << STEP_KEY_BITS) + 1
+    return (key + zlib.crc32(_policy.host_bytes(running_mean))) % (1 << STEP_KEY_BITS) + 1
 
 
 _broken_groups: list[ProcessGroup] = []

@@ -146,7 +146,9 @@ class _Recorder:
 
     def before(self, buffer: Tensor, layer: str, phase: str, channels: int, dtype: str,
                shape: list[int], call: int) -> str:
-        if self.frozen:
+        if self.frozen or phase == "shift":
+            # a shift exchange is part of its layer's forward, decided by the layer's state:
+            # a replayed forward makes the same decision, so it is routed, not recorded
             return self.join_name
         module = None
         if phase == "forward":  # a layer of a unique name, else the one whose forward runs

@@ -23,6 +23,7 @@ Tests run the accelerator branch on CPU tensors with :func:`force_accelerator_po
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -44,3 +45,23 @@ def force_accelerator_policy() -> Iterator[None]:
         yield
     finally:
         _forced_accelerator = previous
+
+
+def host_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw bytes of a CPU tensor (for a CRC): through NumPy when it is installed (no
+    kernel, no copy), else through ``tolist``."""
+    data = tensor.detach()
+    try:
+        return bytes(data.view(torch.uint8).numpy().data)
+    except (ImportError, RuntimeError, TypeError):
+        return repr(data.tolist()).encode()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value of a small CPU tensor is finite, read on the host (no kernel)."""
+    try:
+        import numpy
+
+        return bool(numpy.isfinite(tensor.detach().numpy()).all())
+    except (ImportError, RuntimeError, TypeError):
+        return all(math.isfinite(v) for v in tensor.detach().double().tolist())

@@ -135,7 +135,7 @@ def batch_norm_train(
     mask: Tensor | None = None,
     call: int = -1,
     num_batches_tracked: Tensor | None = None,
-    shift_ref: _step.ShiftRef | None = None,
+    steps: int | None = None,
 ) -> Tensor:
     """Training step in Torch's conventions: the local fallback or the synchronized core.
 
@@ -174,7 +174,7 @@ def batch_norm_train(
         process_group=None if fallback else group, single_value="raise", site=site,
         inplace_activation=inplace_activation, mask=mask, call=call,
         num_batches_tracked=num_batches_tracked, cumulative=momentum is None,
-        shift_ref=shift_ref,
+        steps=steps,
     )
 
 
@@ -220,28 +220,28 @@ def effective_shift(running_mean: Tensor | None, num_batches_tracked: Tensor | N
 
 
 def _shift(input: Tensor, mask: Tensor | None, running_mean: Tensor | None,
-           num_batches_tracked: Tensor | None, decay: float | None,
-           shift_ref: _step.ShiftRef | None, group_name: str | None,
-           site: _comm.CallSite | None, call: int) -> Tensor:
-    """The point every rank takes its moments about (float64), by one rule.
+           num_batches_tracked: Tensor | None, decay: float, cumulative: bool,
+           steps: int | None, group_name: str | None, site: _comm.CallSite | None,
+           call: int) -> Tensor:
+    """The point every rank takes its moments about (accumulation dtype), by one rule.
 
-    Eager code: the layer's last global mean (``shift_ref``), else one exchange
-    (:func:`_step.exchange_shift`: a layer's first synchronized step, and every
-    call of the functional form, which holds no state). Compiled code: the
-    bias-corrected running mean (:func:`effective_shift`) where the layer tracks one
-    that moves (``decay < 1``), else the exchange.
+    Eager code: the layer's state (:func:`_step.shift_from_state`), else one exchange
+    (:func:`_step.exchange_shift`). Compiled code (no host value of the step count
+    may steer it): the bias-corrected running mean (:func:`effective_shift`) where the
+    layer tracks one that moves, else the exchange.
     """
     acc = _stats.acc_dtype(input.dtype)
     if torch.compiler.is_compiling():
-        if running_mean is not None and (decay is None or decay < 1.0):
-            point = effective_shift(running_mean, num_batches_tracked, decay)
+        if running_mean is not None and (cumulative or decay < 1.0):
+            point = effective_shift(running_mean, num_batches_tracked,
+                                    None if cumulative else decay)
             assert point is not None
-            return point
-    elif shift_ref is not None:
-        value = shift_ref.get(input.device, acc)
-        if value is not None:
-            return value.double()
-    return _step.exchange_shift(input, mask, group_name, site, call).double()
+            return point.to(acc)
+    else:
+        out = torch.empty(input.size(1), dtype=acc, device=input.device)
+        if _step.shift_from_state(running_mean, steps, decay, cumulative, out):
+            return out
+    return _step.exchange_shift(input, mask, group_name, site, call)
 
 
 def synchronized_batch_norm(
@@ -262,7 +262,7 @@ def synchronized_batch_norm(
     call: int = -1,
     num_batches_tracked: Tensor | None = None,
     cumulative: bool = False,
-    shift_ref: _step.ShiftRef | None = None,
+    steps: int | None = None,
 ) -> Tensor:
     """Training-mode normalization with batch statistics of ``process_group``.
 
@@ -277,10 +277,10 @@ def synchronized_batch_norm(
     unknown, as under ``torch.compile``, where no Python counter may change);
     ``num_batches_tracked`` (counted for this step already) bias-corrects compiled
     code's shift (:func:`effective_shift`); with ``cumulative`` the running
-    average is ``decay = 1 − 1/num_batches_tracked``. ``shift_ref`` is the layer's
-    :class:`_step.ShiftRef` (eager code takes its moments about the layer's last
-    global mean; without one, every call exchanges a shift first: one more
-    all-reduce). Arguments are not validated here. The steady state runs
+    average is ``decay = 1 − 1/num_batches_tracked``. ``steps`` is
+    ``num_batches_tracked`` (this step counted) as a host int, from which eager code
+    takes its shift (:func:`_step.shift_from_state`; ``None``: no state to take it
+    from, so each call exchanges one first: one more all-reduce). Arguments are not validated here. The steady state runs
     :func:`_step.lean_batch_norm`; masks, the in-place mode, a rank with at most
     one value per channel and compiled code run the general path below, whose
     running statistics are updated by one custom op that skips itself inside a
@@ -297,20 +297,19 @@ def synchronized_batch_norm(
         site = call_site(input, "SyncBatchNorm", timeout_s=None, debug=None, eps=eps,
                          decay=decay)
     group_name = None if process_group is None else str(process_group.group_name)
-    if shift_ref is not None and _step.lean_applies(input, mask, inplace_activation is not None,
-                                                    group_name):
+    if _step.lean_applies(input, mask, inplace_activation is not None, group_name):
         assert site is not None and group_name is not None
         return _step.lean_batch_norm(
             input, running_mean, running_var, weight, bias, eps=eps, decay=decay,
             unbiased_var=unbiased_var, group_name=group_name, site=site, call=call,
-            num_batches_tracked=num_batches_tracked, cumulative=cumulative, shift=shift_ref,
+            num_batches_tracked=num_batches_tracked, cumulative=cumulative, steps=steps,
             update_running=(running_mean is not None or running_var is not None)
             and not is_recomputing(),
         )
-    point = _shift(input, mask, running_mean, num_batches_tracked,
-                   None if cumulative else decay, shift_ref, group_name, site, call)
-    packed, ident = global_moments(input, mask, point, group_name, site, call, single_value,
-                                   state=running_mean)
+    point = _shift(input, mask, running_mean, num_batches_tracked, decay, cumulative, steps,
+                   group_name, site, call)
+    packed, ident = global_moments(input, mask, point.double(), group_name, site, call,
+                                   single_value, state=running_mean)
     acc = _stats.acc_dtype(input.dtype)
     channels = input.size(1)
     compiling = torch.compiler.is_compiling()
@@ -318,10 +317,8 @@ def synchronized_batch_norm(
     if not compiling and _policy.host_reads(packed.device):
         tail = packed[-2:].tolist()
         counts = (tail[0], tail[1])
-    eps_vec = torch.full((channels,), float(eps), dtype=acc, device=input.device)
-    merged = _step.merge(packed, point.to(acc), counts, acc, eps_vec, unbiased_var)
-    if shift_ref is not None and not compiling:
-        shift_ref.value = merged.mean
+    shift_eps = torch.stack([point, torch.full_like(point, float(eps))])
+    merged = _step.merge(packed, shift_eps, counts, acc, unbiased_var)
     count = packed[2 * channels:2 * channels + 1]
     # Function.apply is untyped in torch's stubs
     out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]

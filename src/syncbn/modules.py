@@ -10,11 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _checks, _comm, _stats
+from . import _checks, _comm, _policy, _stats
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
 from ._pickling import GroupPicklingMixin, check_group_travelled
-from ._step import ShiftRef
 from .functional import batch_norm_train, call_site
 
 __all__ = ["SyncBatchNorm"]
@@ -70,6 +69,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
     _syncbn_calls: int
     """Training forwards run so far on this rank, in eager mode (messages name it)."""
+    _syncbn_steps: int | None
+    """Host mirror of ``num_batches_tracked`` on accelerators (see ``_steps``)."""
 
     activation: Activation
     inplace: bool
@@ -124,7 +125,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         self._syncbn_name = name
         self._syncbn_group_lost = False
         self._syncbn_calls = 0
-        self._syncbn_shift = ShiftRef()
+        self._syncbn_steps = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -172,18 +173,38 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             inplace_activation=self.activation if self.inplace else None, mask=mask,
             call=call,
             num_batches_tracked=self.num_batches_tracked if tracked else None,
-            shift_ref=self._shift_ref(),
+            steps=self._steps() if tracked else None,
         )
         return out if self.inplace else self.activation.apply(out)
 
-    def _shift_ref(self) -> ShiftRef:
-        """The layer's :class:`ShiftRef` (made on first use for layers built before it existed,
-        e.g. unpickled from an older syncbn)."""
-        ref: ShiftRef | None = self.__dict__.get("_syncbn_shift")
-        if ref is None:
-            ref = ShiftRef()
-            self._syncbn_shift = ref
-        return ref
+    def _steps(self) -> int | None:
+        """``num_batches_tracked`` (this step counted) as a host int, for the shift.
+
+        CPU: read (no kernel, no sync). Accelerators: a host mirror, read once after
+        construction, ``load_state_dict`` or ``reset_running_stats`` and then counted
+        along, so no step reads the device (see ``syncbn._policy``). ``None`` under
+        compile (the compiled shift reads the count on the device).
+        """
+        counter = self.num_batches_tracked
+        if counter is None or counter.is_meta or torch.compiler.is_compiling():
+            return None
+        if _policy.host_reads(counter.device):
+            steps = int(counter.tolist())
+        else:
+            mirror: int | None = self.__dict__.get("_syncbn_steps")
+            if mirror is None:
+                mirror = int(counter.tolist()) - 1  # one host read, this step counted below
+            steps = mirror if is_recomputing() else mirror + 1
+        self._syncbn_steps = steps
+        return steps
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._syncbn_steps = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._syncbn_steps = None
 
     def _check_group(self) -> None:
         """The layer's group must be usable; errors name the layer."""
