@@ -68,12 +68,14 @@ def resolve_group(process_group: ProcessGroup | None,
             f"{who} got a process_group, but this build of torch has no "
             "torch.distributed; pass process_group=None to normalize locally"
         )
-    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+    if is_non_member(process_group):
+        where = (f"global rank {dist.get_rank()}" if dist.is_initialized()
+                 else "no process group is initialized")
         raise ValueError(
-            f"{who}'s process_group does not include this rank "
-            f"(global rank {dist.get_rank()}): torch.distributed.new_group() returns "
-            "a placeholder on ranks outside the group; give each rank the group it "
-            "belongs to"
+            f"{who}'s process_group does not include this rank ({where}): "
+            "torch.distributed.new_group() returns a placeholder on ranks outside the "
+            "group, where the layer can only evaluate (eval mode); train it on the "
+            "group's ranks, or give each rank the group it belongs to"
         )
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
@@ -98,12 +100,26 @@ def resolve_group(process_group: ProcessGroup | None,
     return process_group
 
 
-def check_group_arg(process_group: object) -> None:
-    """At construction: ``None`` or a ProcessGroup (it may be initialized later).
+def is_non_member(process_group: object) -> bool:
+    """Whether ``process_group`` is the placeholder ``torch.distributed.new_group()`` returns
+    on a rank outside the new group (``GroupMember.NON_GROUP_MEMBER``)."""
+    return (dist.is_available() and isinstance(process_group, int)
+            and not isinstance(process_group, bool)
+            and process_group == dist.GroupMember.NON_GROUP_MEMBER)
 
-    Anything else raises the error :func:`resolve_group` gives for it.
+
+def check_group_arg(process_group: object) -> None:
+    """At construction or conversion: ``None``, a ProcessGroup (it may be initialized
+    later), or the placeholder of a rank outside the group (:func:`is_non_member`).
+
+    The placeholder is accepted as torch accepts it: every rank can build the same
+    model with ``new_group(ranks)``'s result, and a layer holding it evaluates with
+    its running statistics; only a synchronized training forward refuses it
+    (:func:`resolve_group`). Anything else raises the error :func:`resolve_group`
+    gives for it.
     """
-    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+    if (process_group is not None and not isinstance(process_group, dist.ProcessGroup)
+            and not is_non_member(process_group)):
         resolve_group(process_group)
 
 

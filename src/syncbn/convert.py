@@ -196,7 +196,10 @@ def convert_sync_batchnorm(
     take ``process_group`` when one is given. Each converted layer records its path
     in the tree (``"layer1.0.bn1"``) so errors can name it, and the class it
     replaced, which :func:`revert_sync_batchnorm` restores. A layer shared by
-    several parents stays one (shared) layer.
+    several parents stays one (shared) layer. As torch, it converts on every rank,
+    also on a rank outside ``process_group`` (where ``new_group`` returned a
+    placeholder): the layers there evaluate with their running statistics, and only
+    a synchronized training forward raises, naming the layer.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, ``process_group`` is not a

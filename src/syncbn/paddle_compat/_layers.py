@@ -403,7 +403,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
             return None, None, -1  # eval never communicates
         if not torch.compiler.is_compiling():
             check_group_travelled(self, self.layer_name, _RECONVERT)
-        group = _comm.resolve_group(self.process_group)
+        group = _comm.resolve_group(self.process_group, who=_comm.layer_label(self.layer_name))
         if local_fallback_applies(group):
             return None, None, -1
         conventions = self._conventions("SyncBatchNorm")
