@@ -119,9 +119,16 @@ class SyncBatchNormError(RuntimeError):
 
 
 DEBUG_ENV = "SYNCBN_DEBUG"
-"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`)."""
+"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`).
+
+Read (:func:`env_debug`) at every eager training forward of a layer without ``debug=``;
+under ``torch.compile``, when the layer is traced: a later change is ignored until
+``torch._dynamo.reset()`` (or a new ``torch.compile``) and a new trace."""
 TIMEOUT_ENV = "SYNCBN_TIMEOUT"
-"""Seconds a rank waits for one collective of a layer (default: the group's own timeout)."""
+"""Seconds a rank waits for one collective of a layer (default: the group's own timeout).
+
+Read (:func:`env_timeout`) as :data:`DEBUG_ENV` is: under ``torch.compile``, when the
+layer is traced."""
 WORLD_ENV = "WORLD_SIZE"
 """Set by torchrun and other launchers to the number of ranks of the job."""
 

@@ -329,7 +329,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
     In training, μ and σ² are taken over every value of the channel on every rank
     of ``process_group`` (default: the world), with any ``torch.distributed``
     backend, exactly for uneven and empty per-rank batches (one all-reduce of
-    ``2C + 2`` values forward, one of ``2C`` backward). Without an initialized
+    ``2C + 2`` values forward, one of ``2C + 2`` backward). Without an initialized
     process group, or with a group of one rank, it normalizes with the local batch,
     which is the same thing. In eval the running statistics normalize and nothing
     is communicated. Any rank 2–5 with any of 'NC', 'NCL', 'NCHW', 'NCDHW' (C at
@@ -344,11 +344,14 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
     ``_variance``, which stay in the ``state_dict``.
 
     Keyword-only extensions (Paddle has none): ``process_group`` (a
-    ``torch.distributed`` group; None: the world), ``timeout`` (seconds one
-    collective may take before a ``syncbn.SyncBatchNormError`` naming this layer;
-    default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
-    fingerprint of layer, call, channels and dtype across ranks first; default
-    ``SYNCBN_DEBUG``).
+    ``torch.distributed`` group; None: the world), ``timeout`` (seconds, 0.001 to
+    1e7, one collective may take before a ``syncbn.SyncBatchNormError`` naming this
+    layer; default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
+    fingerprint of layer, channels, dtype, phase, eps and momentum across ranks
+    first; default ``SYNCBN_DEBUG``). The two variables are read at every eager
+    training forward, but under ``torch.compile`` when the layer is traced: changed
+    after the first compiled step, they are ignored until ``torch._dynamo.reset()``
+    (or a new ``torch.compile``) and a new trace.
 
     ``copy.deepcopy`` shares a custom ``process_group``; pickling (``torch.save``)
     drops it, and the unpickled layer's next synchronized forward says so until a
