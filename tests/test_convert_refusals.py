@@ -178,6 +178,22 @@ def test_the_frozen_idiom_converts_once_a_conversion_is_registered() -> None:
         convert._RULES.update(saved)
 
 
+def test_revert_refuses_a_syncbn_subclass_that_overrides_train() -> None:
+    """The way back follows the same rule: a frozen SyncBatchNorm would become a training
+    BatchNorm2d."""
+
+    class FrozenSync(syncbn.SyncBatchNorm):
+        def train(self, mode: bool = True) -> FrozenSync:
+            return super().train(False)
+
+    model = nn.Sequential(syncbn.SyncBatchNorm(3), FrozenSync(3))
+    with pytest.raises(ValueError, match=r"cannot revert SyncBatchNorm\(3\) \(.*FrozenSync\): "
+                                         r"the class has its own train and no registered way "
+                                         r"back.*register_conversion"):
+        syncbn.revert_sync_batchnorm(model)
+    assert type(model[0]) is syncbn.SyncBatchNorm and type(model[1]) is FrozenSync
+
+
 # what keeps converting: the classes of Lightning, mmengine and harmless changes
 
 

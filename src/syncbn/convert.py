@@ -462,7 +462,8 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
         ValueError: a layer has a fused activation, or is a SyncBatchNorm subclass
-            with its own forward and no registered way back. Nothing was changed then.
+            with its own forward (or another overridden method, as for converting)
+            and no registered way back. Nothing was changed then.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"revert_sync_batchnorm expected an nn.Module, got {type(module).__name__}")
@@ -484,10 +485,13 @@ def _revert_one(layer: SyncBatchNorm) -> nn.Module:
     rule = None if source is None else _rule_for(source)
     if rule is not None:
         return rule.to_plain(layer)
-    if type(layer).forward is not SyncBatchNorm.forward:
+    overridden = overridden_methods(type(layer), SyncBatchNorm.__mro__, ALLOWED_OVERRIDES)
+    if type(layer).forward is not SyncBatchNorm.forward or overridden:
+        what = "its own forward" if "forward" in overridden else (
+            f"its own {', '.join(overridden)}")
         raise ValueError(
             f"revert_sync_batchnorm cannot revert {label} ({_qualname(type(layer))}): the "
-            "class has its own forward and no registered way back. Fix: register one with "
+            f"class has {what} and no registered way back. Fix: register one with "
             f"{_REGISTER_HINT.format(cls=getattr(source, '__name__', 'SourceClass'))}"
         )
     if (source is not None and issubclass(source, _BatchNorm)
