@@ -454,11 +454,11 @@ def test_ranks_restored_differently_continue_like_the_uninterrupted_run() -> Non
 
 def test_infinite_timeout_is_a_clear_value_error() -> None:
     """Before: accepted, then a raw OverflowError from timedelta at the first collective."""
-    with pytest.raises(ValueError, match=r"0 < timeout <= 1e\+07 seconds, got inf"):
+    with pytest.raises(ValueError, match=r"0\.001 <= timeout <= 1e\+07 seconds, got inf"):
         syncbn.SyncBatchNorm(3, timeout=math.inf)
 
 
-@pytest.mark.parametrize("text", ["1e10", "inf", "nan", "-1", "soon"])
+@pytest.mark.parametrize("text", ["1e10", "inf", "nan", "-1", "soon", "1e-9"])
 def test_bad_syncbn_timeout_is_a_clear_error_and_counts_nothing(
     monkeypatch: pytest.MonkeyPatch, text: str
 ) -> None:
@@ -466,8 +466,8 @@ def test_bad_syncbn_timeout_is_a_clear_error_and_counts_nothing(
     results = harness.run_ranks(2, _bad_env_timeout, text)
     for outcome in results:
         assert outcome["error"] == "ValueError", outcome
-        assert outcome["message"].startswith(f"{TIMEOUT_ENV} must be a positive number of "
-                                             f"seconds up to 1e+07, got {text!r}"), outcome
+        assert outcome["message"].startswith(f"{TIMEOUT_ENV} must be a number of seconds "
+                                             f"from 0.001 to 1e+07, got {text!r}"), outcome
         assert outcome["tracked"] == 0 and outcome["calls"] == 0, outcome
         assert outcome["running_mean"] == [0.0, 0.0, 0.0], outcome
 

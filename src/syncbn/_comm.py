@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import _policy
-from ._checks import MAX_TIMEOUT_S
+from ._checks import MAX_TIMEOUT_S, MIN_TIMEOUT_S, timeout_hint
 
 ProcessGroup = Any
 """``torch.distributed.ProcessGroup`` (kept ``Any``: its stubs differ between torch releases)."""
@@ -136,9 +136,16 @@ class SyncBatchNormError(RuntimeError):
 
 
 DEBUG_ENV = "SYNCBN_DEBUG"
-"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`)."""
+"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`).
+
+Read (:func:`env_debug`) at every eager training forward of a layer without ``debug=``;
+under ``torch.compile``, when the layer is traced: a later change is ignored until
+``torch._dynamo.reset()`` (or a new ``torch.compile``) and a new trace."""
 TIMEOUT_ENV = "SYNCBN_TIMEOUT"
-"""Seconds a rank waits for one collective of a layer (default: the group's own timeout)."""
+"""Seconds a rank waits for one collective of a layer (default: the group's own timeout).
+
+Read (:func:`env_timeout`) as :data:`DEBUG_ENV` is: under ``torch.compile``, when the
+layer is traced."""
 WORLD_ENV = "WORLD_SIZE"
 """Set by torchrun and other launchers to the number of ranks of the job."""
 
@@ -178,16 +185,44 @@ def layer_label(layer: str) -> str:
     return layer if layer.endswith(")") and "(" in layer else f"SyncBatchNorm '{layer}'"
 
 
+_DEBUG_ON = ("1", "true", "yes", "on")
+_DEBUG_OFF = ("", "0", "false", "no", "off")
+
+
 def env_debug() -> bool:
-    """Whether :data:`DEBUG_ENV` asks for debug checks."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether :data:`DEBUG_ENV` asks for debug checks (unset or empty: no).
+
+    Read when a layer's collectives are described: every eager training step, or
+    once when ``torch.compile`` traces the layer (changing it then needs
+    ``torch._dynamo.reset()`` or a new ``torch.compile``).
+
+    Raises:
+        ValueError: it is set to a value that is neither on nor off (e.g. ``2``,
+            ``debug``); the message lists the accepted ones.
+    """
+    text = os.environ.get(DEBUG_ENV, "")
+    value = text.strip().lower()
+    if value in _DEBUG_ON:
+        return True
+    if value in _DEBUG_OFF:
+        return False
+    raise ValueError(
+        f"{DEBUG_ENV} must be one of {', '.join(_DEBUG_ON)} (debug checks on) or "
+        f"{', '.join(v for v in _DEBUG_OFF if v)} or empty (off), in any letter case, got "
+        f"{text!r}; set {DEBUG_ENV}=1, or unset it"
+    )
 
 
 def env_timeout() -> float | None:
     """The timeout from :data:`TIMEOUT_ENV`, or ``None`` when unset.
 
+    Read like :data:`DEBUG_ENV` (see :func:`env_debug`): every eager training
+    step, or once when ``torch.compile`` traces the layer.
+
     Raises:
-        ValueError: it is set but not a positive number of seconds (see :func:`parse_timeout`).
+        ValueError: it is set but not a number of seconds from
+            :data:`~syncbn._checks.MIN_TIMEOUT_S` (1 ms, the resolution of collective
+            timeouts) to :data:`~syncbn._checks.MAX_TIMEOUT_S`.
     """
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
@@ -196,10 +231,11 @@ def env_timeout() -> float | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not (0 < value <= MAX_TIMEOUT_S):
+    if not (MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S):  # `not <=`: NaN too
         raise ValueError(
-            f"{TIMEOUT_ENV} must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
-            f"got {text!r}"
+            f"{TIMEOUT_ENV} must be a number of seconds from {MIN_TIMEOUT_S:g} to "
+            f"{MAX_TIMEOUT_S:g}, got {text!r}{timeout_hint(value)}; set e.g. "
+            f"{TIMEOUT_ENV}=60, or unset it for the group's own timeout"
         )
     return value
 

@@ -30,7 +30,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     variance, ``momentum=None`` giving the cumulative average. In eval the running
     statistics normalize without any communication. Unlike torch's layer it trains
     on CPU (gloo) as well as on accelerators, with uneven and empty per-rank
-    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C``
+    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C + 2``
     backward.
 
     Without an initialized process group, or with a group of one rank, it is
@@ -46,14 +46,21 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
       output for backward, recomputing the normalized values from it (In-Place
       ABN, arXiv:1712.02616): about half the activation memory of BatchNorm
       followed by a separate activation, same results;
-    - ``timeout``: seconds one collective may take before a
+    - ``timeout``: seconds (0.001 to 1e7: collective timeouts count whole
+      milliseconds) one collective may take before a
       :class:`syncbn.SyncBatchNormError` naming this layer (default the
       ``SYNCBN_TIMEOUT`` variable, else the group's own timeout);
-    - ``debug``: compare a fingerprint of layer, call count, channels and dtype
-      across ranks before every collective (default the ``SYNCBN_DEBUG`` variable);
+    - ``debug``: compare a fingerprint of layer, channels, dtype, phase, eps and
+      momentum across ranks before every collective (default the ``SYNCBN_DEBUG``
+      variable);
     - ``name``: how errors and the out-of-step checks tell this layer from
       others; ``convert_sync_batchnorm`` names every layer by its path in the model.
       Unnamed layers of equal size cannot be told apart by those checks.
+
+    ``SYNCBN_TIMEOUT`` and ``SYNCBN_DEBUG`` are read at every eager training
+    forward, but under ``torch.compile`` when the layer is traced: changed after the
+    first compiled step, they are ignored until ``torch._dynamo.reset()`` (or a new
+    ``torch.compile``) and a new trace.
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
