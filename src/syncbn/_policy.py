@@ -65,3 +65,9 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return bool(numpy.isfinite(tensor.detach().numpy()).all())
     except (ImportError, RuntimeError, TypeError):
         return all(math.isfinite(v) for v in tensor.detach().double().tolist())
+
+
+def host_int(tensor: torch.Tensor) -> int:
+    """A one-value CPU tensor as a Python int, read with ``tolist`` (no kernel)."""
+    value = tensor.tolist()
+    return int(value if not isinstance(value, list) else value[0])

@@ -99,12 +99,12 @@ def _build_plan(x: Tensor, site: _comm.CallSite, eps: float) -> StepPlan:
     sums = not reads or (x.numel() > SMALL_NUMEL and x.is_contiguous())
     key_f = _comm.step_key(site.layer, "forward", channels, site.eps, site.decay)
     key_b = _comm.step_key(site.layer, "backward", channels, site.eps, site.decay)
-    f64 = dict(dtype=torch.float64, device=x.device)
     tail_f = torch.tensor([float(count) if sums else 1.0, float(key_f)], dtype=acc,
                           device=x.device)
     scale = None
     if not sums:
-        scale = torch.full((2 * channels + 2,), float(count), **f64)  # type: ignore[arg-type]
+        scale = torch.full((2 * channels + 2,), float(count), dtype=torch.float64,
+                           device=x.device)
         scale[-1] = 1.0
     return StepPlan(
         channels=channels, ndim=ndim, dims=tuple(_stats.reduce_dims(ndim)), count=count,
@@ -276,13 +276,13 @@ def merge(packed: Tensor, shift_eps: Tensor, counts: tuple[float, float] | None,
     sums = packed[:2 * channels].view(2, channels)
     q = torch.empty((2, channels), dtype=acc, device=packed.device)
     if counts is not None and counts[0] >= 2:
-        total = counts[0]
-        ratio = (total - 1.0) / total
-        torch.div(sums, total - 1.0, out=q)
+        count = counts[0]
+        ratio = (count - 1.0) / count
+        torch.div(sums, count - 1.0, out=q)
         q[1].addcmul_(q[0], q[0], value=-ratio).clamp_min_(0.0)
         both = torch.add(shift_eps, q, alpha=ratio)  # [μ, σ² + eps]
         batch_var = q[1] if unbiased_var else q[1] * ratio
-        return Merged(both[0], _inverse_powers(both[1]), batch_var, total, 1.0)
+        return Merged(both[0], _inverse_powers(both[1]), batch_var, count, 1.0)
     update: float | Tensor
     if counts is not None:
         total_host = counts[0]
@@ -332,7 +332,7 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
         return
     if num_batches_tracked is not None:
         if isinstance(merged.update, float) and _policy.host_reads(num_batches_tracked.device):
-            weight: float | Tensor = 1.0 / max(float(num_batches_tracked.tolist()), 1.0)
+            weight: float | Tensor = 1.0 / max(_policy.host_int(num_batches_tracked), 1.0)
         else:
             weight = num_batches_tracked.clamp_min(1).reciprocal().to(acc)
     else:

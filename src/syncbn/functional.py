@@ -280,7 +280,8 @@ def synchronized_batch_norm(
     average is ``decay = 1 − 1/num_batches_tracked``. ``steps`` is
     ``num_batches_tracked`` (this step counted) as a host int, from which eager code
     takes its shift (:func:`_step.shift_from_state`; ``None``: no state to take it
-    from, so each call exchanges one first: one more all-reduce). Arguments are not validated here. The steady state runs
+    from, so each call exchanges one first: one more all-reduce). Arguments are not
+    validated here. The steady state runs
     :func:`_step.lean_batch_norm`; masks, the in-place mode, a rank with at most
     one value per channel and compiled code run the general path below, whose
     running statistics are updated by one custom op that skips itself inside a

@@ -196,11 +196,11 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         if counter is None or counter.is_meta or torch.compiler.is_compiling():
             return None
         if _policy.host_reads(counter.device):
-            steps = int(counter.tolist())
+            steps = _policy.host_int(counter)
         else:
             mirror: int | None = self.__dict__.get("_syncbn_steps")
             if mirror is None:
-                mirror = int(counter.tolist()) - 1  # one host read, this step counted below
+                mirror = _policy.host_int(counter) - 1  # one host read; this step counted below
             steps = mirror if is_recomputing() else mirror + 1
         self._syncbn_steps = steps
         return steps
