@@ -68,6 +68,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def host_int(tensor: torch.Tensor) -> int:
-    """A one-value CPU tensor as a Python int, read with ``tolist`` (no kernel)."""
-    value = tensor.tolist()
-    return int(value if not isinstance(value, list) else value[0])
+    """A one-value CPU tensor as a Python int, read through NumPy (no kernel; ``tolist`` of
+    a 0-d tensor copies it first), else with ``tolist``."""
+    try:
+        return int(tensor.detach().numpy().reshape(-1)[0])
+    except (ImportError, RuntimeError, TypeError):
+        value = tensor.tolist()
+        return int(value if not isinstance(value, list) else value[0])

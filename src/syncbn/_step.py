@@ -334,7 +334,7 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
         if isinstance(merged.update, float) and _policy.host_reads(num_batches_tracked.device):
             weight: float | Tensor = 1.0 / max(_policy.host_int(num_batches_tracked), 1.0)
         else:
-            weight = num_batches_tracked.clamp_min(1).reciprocal().to(acc)
+            weight = num_batches_tracked.to(acc).clamp_min(1.0).reciprocal()
     else:
         weight = 1.0 - decay
     if isinstance(merged.update, Tensor):
@@ -413,8 +413,9 @@ class LeanBatchNormFunction(torch.autograd.Function):
         x, mean, inv_std, scales = ctx.saved_tensors
         plan: StepPlan = ctx.plan
         channels = plan.channels
+        # unit weight: the sums do not depend on it, and without one the 2-D kernel builds it
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            dy, x, None, None, None, mean, inv_std, True, 0.0, [False, True, True])
+            dy, x, plan.ones, None, None, mean, inv_std, True, 0.0, [False, True, True])
         packed = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward]).double()
         _comm.reduce_checked_(packed, ctx.group_name, site, "backward", ctx.call, ctx.shape,
                               plan.key_backward)
