@@ -14,7 +14,7 @@ from . import _checks, _comm, _policy, _stats
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
 from ._pickling import GroupPicklingMixin, check_group_travelled
-from .functional import batch_norm_train, call_site
+from .functional import batch_norm_train, call_site, synchronized_batch_norm
 
 __all__ = ["SyncBatchNorm"]
 
@@ -155,7 +155,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         _checks.check_mask(input, mask)
         momentum = _checks.check_momentum(self.momentum, allow_none=True)
         if not self.training:
-            return self._forward_eval(input, 0.0 if momentum is None else momentum)
+            return self._forward_eval(input, 0.0 if momentum is None else momentum, mask)
         # refuse before anything is counted
         if not torch.compiler.is_compiling():
             self._check_group()
@@ -219,10 +219,15 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
                               "syncbn.convert_sync_batchnorm(model, process_group)")
         _comm.resolve_group(self.process_group, who=_comm.layer_label(self.layer_name))
 
-    def _forward_eval(self, input: Tensor, factor: float) -> Tensor:
+    def _forward_eval(self, input: Tensor, factor: float, mask: Tensor | None = None) -> Tensor:
         """Eval never communicates (as torch): running statistics, or this rank's own
-        batch statistics when none are tracked."""
+        batch statistics when none are tracked (over the mask's valid positions, if any)."""
         no_buffers = self.running_mean is None and self.running_var is None
+        if no_buffers and mask is not None:
+            out = synchronized_batch_norm(
+                input, None, None, self.weight, self.bias, eps=self.eps, decay=1.0 - factor,
+                unbiased_var=True, process_group=None, single_value="raise", mask=mask)
+            return self.activation.apply(out)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, self.weight, self.bias))
         in_place = self.inplace and not no_buffers and not needs_grad
