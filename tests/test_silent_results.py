@@ -96,7 +96,7 @@ def test_inplace_accepts_a_slope_at_the_bound() -> None:
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-# --- 4. eps that differs between ranks -------------------------------------------------------------
+# --- 4. eps that differs between ranks ------------------------------------------------------
 
 
 def _eps_differs() -> dict[str, Any]:
