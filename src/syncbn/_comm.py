@@ -496,7 +496,7 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
         return None
     count, total = buffer[-2:].tolist()
     if reads or site.debug:
-        size = group_size(process_group)
+        size = process_group.size()
         if total != size * key:
             raise SyncBatchNormError(
                 f"{site.describe(phase, shown, shape_t)}: the ranks are out of step: this "

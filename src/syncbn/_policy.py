@@ -57,14 +57,21 @@ def host_bytes(tensor: torch.Tensor) -> bytes:
         return repr(data.tolist()).encode()
 
 
-def all_finite(tensor: torch.Tensor) -> bool:
-    """Whether every value of a small CPU tensor is finite, read on the host (no kernel)."""
-    try:
-        import numpy
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every value of some small CPU tensors is finite, read on the host (no kernel).
 
-        return bool(numpy.isfinite(tensor.detach().numpy()).all())
+    Through the sum of every value: an inf or NaN anywhere makes it non-finite; a sum that
+    overflows although every value is finite answers False too (callers then take their
+    exact path for non-finite values, which is right for finite ones as well).
+    """
+    try:
+        total = 0.0
+        for tensor in tensors:
+            total += float(tensor.detach().numpy().sum(dtype="float64"))
+        return math.isfinite(total)
     except (ImportError, RuntimeError, TypeError):
-        return all(math.isfinite(v) for v in tensor.detach().double().tolist())
+        return all(math.isfinite(v) for t in tensors for v in t.detach().double().flatten()
+                   .tolist())
 
 
 def host_int(tensor: torch.Tensor) -> int:

@@ -43,11 +43,10 @@ from torch import Tensor
 from . import _comm, _policy, _stats
 
 SMALL_NUMEL = 1 << 17
-"""Up to this many input values (CPU) ``var_mean`` (one kernel) takes the local moments;
-above it, and on accelerators, two plain sums over the shifted input, which are faster for
-contiguous N-C-spatial layouts on CPU (torch's Welford reduction over dims (0, 2, 3) is
-~10× slower there) and carry an ``inf`` as ``inf`` (Welford's mean turns it into NaN; a
-small input with a non-finite mean, seen on the host, takes the sums too)."""
+"""Up to this many input values (CPU), torch's batch-norm statistics kernel takes the local
+moments (one kernel: 43 µs on (4, 64, 8, 8), against 144 µs for ``var_mean``'s Welford
+reduction and ~25 µs plus one more dispatch for two sums); above it, and on accelerators,
+two plain sums over the shifted input (0.38 ms on (8, 64, 56, 56) against 3.5 ms)."""
 
 
 @dataclass(frozen=True)
@@ -206,8 +205,12 @@ def lean_batch_norm(
         d = xd - s.view(plan.shape_c())
         packed = None
         if not plan.sums:  # small CPU inputs: the moments of the deviations in one kernel
-            var, mean_d = torch.var_mean(d, plan.dims, correction=0)
-            if _policy.all_finite(mean_d):  # Welford turns an inf into NaN: sums carry it
+            if plan.ndim > 2:  # torch's batch-norm statistics: Σ/n (an inf stays inf), and
+                # the biased variance, accumulated in float64 on CPU
+                mean_d, var = torch.batch_norm_update_stats(d, None, None, 0.0)
+            else:  # (N, C): var_mean is one kernel there (the statistics kernel two)
+                var, mean_d = torch.var_mean(d, 0, correction=0)
+            if plan.ndim > 2 or _policy.all_finite(mean_d):  # Welford's mean turns inf to NaN
                 second = torch.addcmul(var, mean_d, mean_d)  # Σd²/n
                 assert plan.scale_forward is not None
                 # [n·m, n·(v + m²), n, key] in float64 (the multiply promotes)
@@ -215,8 +218,9 @@ def lean_batch_norm(
         if packed is None:  # two plain reductions of the deviations
             s1 = d.sum(plan.dims)
             s2 = d.square_().sum(plan.dims)
-            count_tail = tail if plan.sums else tail * tail.new_tensor([plan.count, 1.0])
-            packed = torch.cat([s1, s2, count_tail]).double()
+            if not plan.sums:
+                tail = tail * tail.new_tensor([float(plan.count), 1.0])
+            packed = torch.cat([s1, s2, tail]).double()
         counts = _comm.reduce_checked_(packed, group_name, site, "forward", call, x.shape, key)
         merged = merge(packed, shift_eps, counts, plan.acc, unbiased_var)
         powers = merged.inverse_powers  # [invstd, invstd²]
@@ -342,9 +346,8 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
     pairs = [(running, batch) for running, batch in ((running_mean, merged.mean),
                                                      (running_var, merged.batch_var))
              if running is not None]
-    lerp = isinstance(weight, float) and all(
-        _policy.host_reads(running.device) and _policy.all_finite(running)
-        and _policy.all_finite(batch) for running, batch in pairs)
+    lerp = (isinstance(weight, float) and _policy.host_reads(merged.mean.device)
+            and _policy.all_finite(*[t for pair in pairs for t in pair]))
     for running, batch in pairs:
         if lerp:
             running.lerp_(batch.to(running.dtype), weight)

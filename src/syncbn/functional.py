@@ -13,6 +13,8 @@ The three paths, chosen by named predicates:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -184,8 +186,27 @@ def call_site(input: Tensor, layer: str, timeout_s: float | None, debug: bool | 
 
     ``timeout_s=None`` reads ``SYNCBN_TIMEOUT`` (unset: the group's own timeout);
     ``debug=None`` reads ``SYNCBN_DEBUG``. ``eps`` and ``decay`` are compared
-    across ranks in debug mode.
+    across ranks in debug mode. Eager code caches the sites it made (by every input,
+    the environment's text included), so a step builds none.
     """
+    if torch.compiler.is_compiling():
+        return _make_site(input, layer, timeout_s, debug, eps, decay)
+    key = (layer, input.size(1), input.dtype, timeout_s, debug, float(eps), float(decay),
+           os.environ.get(_comm.TIMEOUT_ENV), os.environ.get(_comm.DEBUG_ENV))
+    site = _SITES.get(key)
+    if site is None:
+        site = _make_site(input, layer, timeout_s, debug, eps, decay)
+        if len(_SITES) >= 4096:
+            _SITES.clear()
+        _SITES[key] = site
+    return site
+
+
+_SITES: dict[tuple[object, ...], _comm.CallSite] = {}
+
+
+def _make_site(input: Tensor, layer: str, timeout_s: float | None, debug: bool | None,
+               eps: float, decay: float) -> _comm.CallSite:
     return _comm.CallSite(
         layer=layer, channels=input.size(1), dtype=input.dtype,
         timeout_s=_comm.env_timeout() if timeout_s is None else timeout_s,
