@@ -108,6 +108,25 @@ def is_non_member(process_group: object) -> bool:
             and process_group == dist.GroupMember.NON_GROUP_MEMBER)
 
 
+def default_group() -> ProcessGroup | None:
+    """The default (world) group, or ``None`` when none is initialized (cheap: no lookup of
+    ranks)."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def registered(process_group: ProcessGroup | None) -> bool:
+    """Whether a group (``None``: nothing to look up) is still registered with
+    torch.distributed: a dict lookup, cheap enough for every step."""
+    if process_group is None:
+        return True
+    try:
+        from torch.distributed import distributed_c10d
+
+        return process_group in distributed_c10d._world.pg_names
+    except (AttributeError, TypeError):  # another torch: resolve_group checks it instead
+        return False
+
+
 def check_group_arg(process_group: object) -> None:
     """At construction or conversion: ``None``, a ProcessGroup (it may be initialized
     later), or the placeholder of a rank outside the group (:func:`is_non_member`).
@@ -346,7 +365,8 @@ def _wait(work: Any, timeout_s: float | None, reads: bool = True) -> None:
 
 
 def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite, phase: str,
-                    call: object, shape: tuple[int, ...], reads: bool = True) -> None:
+                    call: object, shape: tuple[int, ...], reads: bool = True,
+                    note: str = "") -> None:
     """Sum over the group in place, waiting at most ``site.timeout_s``; failures name the layer."""
     start = time.monotonic()
     try:
@@ -361,7 +381,7 @@ def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
         left = _abort(process_group)
         raise SyncBatchNormError(
             f"{site.describe(phase, call, shape)}: the all_reduce over "
-            f"{group_size(process_group)} ranks {what} ({str(error).strip()[:300]}); "
+            f"{group_size(process_group)} ranks {what} ({str(error).strip()[:300]}){note}; "
             f"{_hint(site.debug)}; {left}"
         ) from error
 
@@ -462,6 +482,39 @@ def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device,
         _wait(dist.all_reduce(buffer, group=process_group, async_op=True), timeout_s)
 
 
+_agreed: set[tuple[str, int]] = set()
+"""Groups whose ranks have compared their debug mode (see :func:`agree_on_mode`)."""
+
+
+def agree_on_mode(process_group: ProcessGroup, group_name: str, site: CallSite, phase: str,
+                  device: torch.device, call: object, shape: tuple[int, ...]) -> None:
+    """Once per group and process, before its first SyncBatchNorm collective: every rank
+    adds ``[debug on here, 1]`` (2 float64) and reads the sum.
+
+    Debug mode exchanges a fingerprint before each collective, so a rank in debug mode
+    (``SYNCBN_DEBUG`` set on one node, or ``debug=True`` on one rank's layer) paired with
+    ranks that are not would wait for a partner that never comes; here every rank
+    raises instead, at once, naming how many ranks are in debug mode. One host read,
+    once (accelerators included). Its errors describe the collective it precedes.
+
+    Raises:
+        SyncBatchNormError: some ranks are in debug mode and others are not.
+    """
+    flags = torch.tensor([1.0 if site.debug else 0.0, 1.0], dtype=torch.float64, device=device)
+    _all_reduce_sum(flags, process_group, site, phase, call, shape,
+                    note=" (the debug-mode check, once per group before its first collective)")
+    debug_ranks, size = flags.tolist()
+    _agreed.add((group_name, id(process_group)))
+    if debug_ranks not in (0.0, size):
+        raise SyncBatchNormError(
+            f"{site.describe(phase, call, shape)}: debug mode is on for "
+            f"{debug_ranks:.0f} of {size:.0f} ranks (this rank: "
+            f"{'on' if site.debug else 'off'}); in debug mode every collective is preceded "
+            f"by a fingerprint exchange, so every rank must agree: set {DEBUG_ENV} (or the "
+            "layers' debug=) alike on every rank"
+        )
+
+
 def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str, call: int,
                     shape: tuple[int, ...] | list[int] | torch.Size, key: int,
                     single_value_check: bool = False) -> tuple[float, float] | None:
@@ -488,6 +541,8 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
     process_group = _group_by_name(group_name)
     shown: object = call if call >= 0 else "?"
     shape_t = tuple(shape)
+    if (group_name, id(process_group)) not in _agreed:
+        agree_on_mode(process_group, group_name, site, phase, buffer.device, shown, shape_t)
     if site.debug:
         check_fingerprint(site, phase, process_group, buffer.device, shown, shape_t)
     reads = _policy.host_reads(buffer.device)

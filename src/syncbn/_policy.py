@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -47,12 +48,12 @@ def force_accelerator_policy() -> Iterator[None]:
         _forced_accelerator = previous
 
 
-def host_bytes(tensor: torch.Tensor) -> bytes:
-    """The raw bytes of a CPU tensor (for a CRC): through NumPy when it is installed (no
-    kernel, no copy), else through ``tolist``."""
+def host_bytes(tensor: torch.Tensor) -> Any:
+    """The raw bytes of a contiguous CPU tensor as a buffer (for a CRC): a NumPy view when
+    NumPy is installed (no kernel, no copy), else the bytes of its ``tolist``."""
     data = tensor.detach()
     try:
-        return bytes(data.view(torch.uint8).numpy().data)
+        return data.view(torch.uint8).numpy()
     except (ImportError, RuntimeError, TypeError):
         return repr(data.tolist()).encode()
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -10,13 +12,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _checks, _comm, _policy, _stats
+from . import _checks, _comm, _policy, _stats, _step
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
-from ._pickling import GroupPicklingMixin, check_group_travelled
-from .functional import batch_norm_train, call_site, synchronized_batch_norm
+from ._pickling import GROUP_LOST_ATTRIBUTE, GroupPicklingMixin, check_group_travelled
+from .functional import (
+    batch_norm_train,
+    call_site,
+    local_fallback_applies,
+    synchronized_batch_norm,
+)
 
 __all__ = ["SyncBatchNorm"]
+
+
+@dataclass(frozen=True)
+class _FastPath:
+    """What a layer decided for one input signature: reused while nothing it depends on
+    changes (``SyncBatchNorm._fast_key``)."""
+
+    key: tuple[object, ...]
+    site: _comm.CallSite
+    group_name: str
+    decay: float
+    cumulative: bool
 
 
 class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
@@ -133,6 +152,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         self._syncbn_group_lost = False
         self._syncbn_calls = 0
         self._syncbn_steps = None
+        self._syncbn_fast: _FastPath | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -144,6 +164,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         training statistics to the valid positions of every rank (padded batches);
         out of training it changes nothing.
         """
+        fast = self.__dict__.get("_syncbn_fast")
+        if fast is not None and mask is None and fast.key == self._fast_key(input):
+            return self._forward_fast(input, fast)
         _checks.check_tensor(input)
         self._check_input_dim(input)
         _checks.check_channels(input, self.num_features)
@@ -167,6 +190,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         site = call_site(input, self.layer_name, self.timeout, self.debug, eps=self.eps,
                          decay=1.0 - (0.0 if momentum is None else momentum))
         tracked = self.track_running_stats
+        key = None
+        if mask is None and not self.inplace and not torch.compiler.is_compiling():
+            key = self._fast_key(input)  # before counting: the key holds the step's settings
         if tracked and self.num_batches_tracked is not None:
             count_step_(self.num_batches_tracked)
         call = -1
@@ -174,6 +200,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             call = self._syncbn_calls
             if not is_recomputing():
                 self._syncbn_calls += 1
+        if key is not None:
+            self._syncbn_fast = self._plan_fast(input, key, site, momentum)
         out = batch_norm_train(
             input, self.running_mean if tracked else None, self.running_var if tracked else None,
             weight, self.bias, momentum, self.eps, self.process_group, site,
@@ -183,6 +211,53 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             steps=self._steps() if tracked else None,
         )
         return out if self.inplace else self.activation.apply(out)
+
+    def _fast_key(self, input: Tensor) -> tuple[object, ...] | None:
+        """Everything a training step's checks and decisions depend on, or ``None`` where the
+        steady-state path cannot run (compiled or traced code, a tensor subclass, eval)."""
+        if (not self.training or type(input) is not Tensor or torch.compiler.is_compiling()
+                or torch._C._len_torch_dispatch_stack() > 0):
+            return None
+        weight, running_mean = self.weight, self.running_mean
+        return (input.shape, input.dtype, input.device, input.stride(), self.momentum,
+                self.eps, self.process_group, _comm.default_group(),
+                _comm.registered(self.process_group), self.timeout, self.debug,
+                self._syncbn_name, self.track_running_stats, self.inplace, self.activation,
+                None if weight is None else weight.dtype,
+                None if running_mean is None else running_mean.dtype,
+                self.__dict__.get(GROUP_LOST_ATTRIBUTE, False),
+                os.environ.get(_comm.TIMEOUT_ENV), os.environ.get(_comm.DEBUG_ENV))
+
+    def _plan_fast(self, input: Tensor, key: tuple[object, ...], site: _comm.CallSite,
+                   momentum: float | None) -> _FastPath | None:
+        """The steady-state path of this signature, where the lean core runs (see ``_step``)."""
+        group = _comm.resolve_group(self.process_group)
+        if group is None or local_fallback_applies(group) or not _step.lean_applies(
+                input, None, False, str(group.group_name)):
+            return None
+        return _FastPath(key, site, str(group.group_name),
+                         1.0 - (0.0 if momentum is None else momentum), momentum is None)
+
+    def _forward_fast(self, input: Tensor, fast: _FastPath) -> Tensor:
+        """A training step of a signature seen before: its checks passed then and nothing they
+        depend on changed (:meth:`_fast_key`), so only the step itself runs."""
+        counter = self.num_batches_tracked
+        tracked = self.track_running_stats and counter is not None
+        if counter is not None and tracked:
+            count_step_(counter)
+        call = self._syncbn_calls
+        recomputing = is_recomputing()
+        if not recomputing:
+            self._syncbn_calls += 1
+        out = _step.lean_batch_norm(
+            input, self.running_mean if tracked else None, self.running_var if tracked else None,
+            self.weight, self.bias, eps=self.eps, decay=fast.decay, unbiased_var=True,
+            group_name=fast.group_name, site=fast.site, call=call,
+            num_batches_tracked=self.num_batches_tracked if tracked else None,
+            cumulative=fast.cumulative, steps=self._steps() if tracked else None,
+            update_running=tracked and not recomputing,
+        )
+        return self.activation.apply(out)
 
     def _steps(self) -> int | None:
         """``num_batches_tracked`` (this step counted) as a host int, for the shift.
@@ -208,6 +283,23 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     def reset_running_stats(self) -> None:
         super().reset_running_stats()
         self._syncbn_steps = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        fast = self.__dict__.get("_syncbn_fast")
+        if fast is not None:  # decisions tied to this layer's objects: a copy decides anew
+            memo[id(fast)] = None
+        copied: SyncBatchNorm = super().__deepcopy__(memo)
+        return copied
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_syncbn_fast", None)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        state = dict(state)
+        state.pop("_syncbn_fast", None)
+        return state
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
