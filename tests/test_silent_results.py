@@ -138,3 +138,29 @@ def test_eval_without_running_stats_uses_the_mask() -> None:
     mean, var = values.mean(1), values.var(1, unbiased=False)
     want = (x - mean.view(1, C, 1)) / (var.view(1, C, 1) + layer.eps).sqrt()
     torch.testing.assert_close(y1[valid], want[valid], rtol=1e-12, atol=1e-12)
+
+
+# --- 10. debug mode on one rank only ---------------------------------------------------------------
+
+
+def _debug_on_one_rank() -> dict[str, Any]:
+    group = dist.new_group([0, 1])  # a fresh group: its first collective is the mode check
+    layer = syncbn.SyncBatchNorm(C, process_group=group, timeout=10.0,
+                                 debug=dist.get_rank() == 0)
+    start = time.monotonic()
+    try:
+        layer(torch.randn(4, C, 3)).sum().backward()
+    except syncbn.SyncBatchNormError as error:
+        return {"error": type(error).__name__, "message": str(error),
+                "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def test_debug_mode_on_one_rank_is_an_error_on_every_rank_at_once() -> None:
+    """Before: an all_gather (the debug rank) paired with an all_reduce; both ranks waited
+    the whole timeout and the message blamed skipped layers."""
+    for outcome in harness.run_ranks(2, _debug_on_one_rank):
+        assert outcome["error"] == "SyncBatchNormError", outcome
+        assert "debug mode is on for 1 of 2 ranks" in outcome["message"], outcome
+        assert "SYNCBN_DEBUG" in outcome["message"], outcome
+        assert outcome["seconds"] < 5.0, outcome
