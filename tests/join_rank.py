@@ -1,12 +1,14 @@
 """One rank of a ``syncbn.join`` fault, run as its own process by ``tests/test_join_faults.py``.
 
-``python join_rank.py SCENARIO RANK WORLD INIT_FILE GROUP_TIMEOUT_S LINGER_S``
+``python join_rank.py SCENARIO RANK WORLD INIT_FILE GROUP_TIMEOUT_S LINGER_RANK LINGER_S``
 
-Prints one line ``RESULT {json}`` (the error it got, if any, and when) and
-then lets the error propagate, so the process exits as a script that fails
-with it would: code 1, or whatever the interpreter's exit makes of it. Rank 0
-first stays alive ``LINGER_S`` seconds after its error, so that no other rank
-can learn of the error from rank 0's exit (a closed connection).
+Prints one line ``RESULT {json}`` (the error it got, if any, and when),
+destroys the default group (as a training script's ``finally`` does) and then
+lets the error propagate, so the process exits as a script that fails
+with it would: code 1, or whatever the interpreter's exit makes of it. Rank
+``LINGER_RANK`` first stays alive ``LINGER_S`` seconds after its error, so that
+no other rank can learn of the error from its exit (a closed connection), and
+the others' exits happen while it is still there.
 """
 
 from __future__ import annotations
@@ -99,20 +101,27 @@ SCENARIOS = {
 
 def main() -> None:
     scenario, rank, world, init_file = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    group_timeout_s, linger_s = float(sys.argv[5]), float(sys.argv[6])
+    group_timeout_s, linger_rank, linger_s = float(sys.argv[5]), int(sys.argv[6]), \
+        float(sys.argv[7])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world, timeout=timedelta(seconds=group_timeout_s))
-    dist.barrier()  # connected: the time below is the scenario's
+    dist.barrier()
+    # a process's first collective is slow (lazy imports): not under the scenario's timeout
+    warm = syncbn.SyncBatchNorm(2, timeout=group_timeout_s).double()
+    warm(torch.randn(3, 2, dtype=torch.float64)).sum().backward()
+    dist.barrier()  # connected and warm: the time below is the scenario's
     start = time.time()
     try:
         SCENARIOS[scenario](rank)
     except BaseException as error:
         print("RESULT " + json.dumps({"error": type(error).__name__, "message": str(error),
                                       "start": start, "at": time.time()}), flush=True)
-        if rank == 0:
+        if rank == linger_rank:
             time.sleep(linger_s)
         raise
+    finally:  # what a training script does on its way out
+        dist.destroy_process_group()
     print("RESULT " + json.dumps({"error": None, "message": "", "start": start,
                                   "at": time.time()}), flush=True)
 

@@ -3,10 +3,10 @@
 Every rank runs ``tests/join_rank.py`` (gloo over 127.0.0.1, file rendezvous)
 with the group's own timeout at 60 s and ``SYNCBN_TIMEOUT=3``, so an error that
 comes within ``SYNCBN_TIMEOUT + 5`` s comes from syncbn, not from gloo's
-timeout. Rank 0 fails first; where it says so it then stays alive 5 s more,
-so the other rank cannot learn of the error from rank 0's exit either (it must
-exit first). The test's own limit (90 s) kills whatever is left, so nothing
-hangs the suite.
+timeout. Where the others must learn of an error without the failing rank's
+exit (a closed connection), that rank stays alive 10 s after its error. Every
+rank destroys the default group on its way out, as training scripts do. The
+test's own limit (180 s) kills whatever is left, so nothing hangs the suite.
 Measured in ``docs/reliability.md``.
 """
 
@@ -25,15 +25,17 @@ import pytest
 GROUP_TIMEOUT_S = 60.0
 SYNCBN_TIMEOUT_S = 3.0
 PROMPT_S = SYNCBN_TIMEOUT_S + 5.0
-LINGER_S = 5.0
-LIMIT_S = 90.0
+LINGER_S = 10.0
+EXIT_S = 20.0
+"""Bound on a process's exit after its error: the interpreter's teardown, on a loaded machine."""
+LIMIT_S = 180.0
 SCRIPT = Path(__file__).with_name("join_rank.py")
 
 
 class _Run:
     """One scenario on ``world`` processes, started at once; finished by :func:`_finish`."""
 
-    def __init__(self, scenario: str, world: int, linger_s: float, folder: Path) -> None:
+    def __init__(self, scenario: str, world: int, linger_rank: int, folder: Path) -> None:
         folder.mkdir()
         env = {**os.environ, "SYNCBN_TIMEOUT": f"{SYNCBN_TIMEOUT_S:g}",
                "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
@@ -45,7 +47,8 @@ class _Run:
                     (folder / f"rank{rank}.err").open("w") as err:
                 self.procs.append(subprocess.Popen(
                     [sys.executable, str(SCRIPT), scenario, str(rank), str(world),
-                     str(folder / "rendezvous"), f"{GROUP_TIMEOUT_S:g}", f"{linger_s:g}"],
+                     str(folder / "rendezvous"), f"{GROUP_TIMEOUT_S:g}", str(linger_rank),
+                     f"{LINGER_S:g}"],
                     stdout=out, stderr=err, env=env))
 
     def poll(self) -> bool:
@@ -83,10 +86,10 @@ def _finish(runs: dict[str, _Run]) -> dict[str, list[dict[str, Any]]]:
     return results
 
 
-SCENARIOS = {  # name: ranks, how long rank 0 stays alive after its error
-    "extra-call-plain": (2, LINGER_S), "extra-call-ddp": (2, LINGER_S),
-    "skipped-branch-plain": (2, 0.0), "skipped-branch-ddp": (2, 0.0),
-    "subgroups": (3, 0.0),
+SCENARIOS = {  # name: ranks, the rank that stays alive LINGER_S after its error
+    "extra-call-plain": (2, 0), "extra-call-ddp": (2, 0),
+    "skipped-branch-plain": (2, -1), "skipped-branch-ddp": (2, -1),
+    "subgroups": (3, -1),
 }
 
 
@@ -94,8 +97,8 @@ SCENARIOS = {  # name: ranks, how long rank 0 stays alive after its error
 def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     """Every scenario at once (the time is mostly starting Python and torch)."""
     root = tmp_path_factory.mktemp("join-faults")
-    return _finish({name: _Run(name, world, linger, root / name)
-                    for name, (world, linger) in SCENARIOS.items()})
+    return _finish({name: _Run(name, world, linger_rank, root / name)
+                    for name, (world, linger_rank) in SCENARIOS.items()})
 
 
 def _figures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -111,7 +114,7 @@ def _figures(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_a_collective_after_the_recorded_iteration_stops_every_rank_promptly(
         scenario: str, outcomes: dict[str, list[dict[str, Any]]], record_property: Any) -> None:
     # rank 0 calls a layer after backward in its 3rd step; rank 1 ran out after 1 step and
-    # waits for rank 0's next iteration; rank 0 then stays alive 5 s
+    # waits for rank 0's next iteration; rank 0 then stays alive 10 s
     results = outcomes[scenario]
     record_property("figures", _figures(results))
     for r in results:
@@ -128,14 +131,15 @@ def test_a_collective_after_the_recorded_iteration_stops_every_rank_promptly(
 @pytest.mark.parametrize("scenario", ["skipped-branch-plain", "skipped-branch-ddp"])
 def test_a_replay_that_cannot_match_exits_every_rank_with_code_1(
         scenario: str, outcomes: dict[str, list[dict[str, Any]]], record_property: Any) -> None:
-    # rank 0 ran out after 2 steps (its last skipped a layer); rank 1's 3rd step runs it
+    # rank 0 ran out after 2 steps (its last skipped a layer); rank 1's 3rd step runs it;
+    # both exit at once (before: rank 0, the joined one, died of SIGABRT 4 times in 4)
     results = outcomes[scenario]
     record_property("figures", _figures(results))
     for r in results:
         assert r["error"] == "SyncBatchNormError", (r["rank"], r["error"], r["stderr"][-2000:])
         assert r["code"] == 1, (r["rank"], r["code"], r["stderr"][-2000:])
         assert "terminate called" not in r["stderr"], r["stderr"][-2000:]
-        assert r["exited"] - r["at"] < PROMPT_S, (r["rank"], r["exited"] - r["at"])
+        assert r["exited"] - r["at"] < EXIT_S, (r["rank"], r["exited"] - r["at"])
     assert "rank 0 has run out of batches and replays" in results[0]["message"]
     assert "'extra' forward (C=4) is SyncBatchNorm collective 2" in results[1]["message"]
     assert abs(results[1]["at"] - results[0]["at"]) < PROMPT_S
