@@ -96,56 +96,40 @@ def count_step_(num_batches_tracked: Tensor) -> None:
 
 def update_running_stats_(
     running_mean: Tensor | None, running_var: Tensor | None,
-    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+    mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
     num_batches_tracked: Tensor | None,
 ) -> None:
-    """The running statistics after a step; see ``_stats``.
+    """The running statistics after a compiled or traced step (:func:`_step.update_running_`).
 
-    ``running ← decay·running + (1 − decay)·batch`` (:func:`_stats.blend_running_stats`);
-    with ``num_batches_tracked`` given, ``decay = 1 − 1/num_batches_tracked`` (the
-    cumulative average of ``momentum=None``). The mutating custom op
-    ``syncbn::update_running_stats_`` in compiled code, so that it runs once per
-    step in eager and compiled code alike; eager code runs its body directly
-    (:func:`runs_op_body_directly`). Either skips itself inside a checkpoint's
-    recompute.
+    The mutating custom op ``syncbn::update_running_stats_``, so that it runs once
+    per step in compiled code too; it skips itself inside a checkpoint's recompute.
+    ``count`` is the global count (a (1,) float64 tensor): no update where it is ≤ 1.
     """
-    args = (running_mean, running_var, mean, var, count, decay, unbiased_var,
-            num_batches_tracked)
-    if runs_op_body_directly(running_mean, running_var, mean, var, count, num_batches_tracked):
-        _update_running_stats(*args)
-    else:
-        _update_running_stats_op(*args)
+    _update_running_stats_op(running_mean, running_var, mean, batch_var, count, decay,
+                             num_batches_tracked)
 
 
 @torch.library.custom_op("syncbn::update_running_stats_",
                          mutates_args=("running_mean", "running_var"))
 def _update_running_stats_op(
     running_mean: Tensor | None, running_var: Tensor | None,
-    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+    mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
     num_batches_tracked: Tensor | None,
 ) -> None:
     """See :func:`update_running_stats_`."""
-    _update_running_stats(running_mean, running_var, mean, var, count, decay, unbiased_var,
-                          num_batches_tracked)
-
-
-def _update_running_stats(
-    running_mean: Tensor | None, running_var: Tensor | None,
-    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
-    num_batches_tracked: Tensor | None,
-) -> None:
     if _recomputing_now():
         return
-    keep: float | Tensor = decay
-    if num_batches_tracked is not None:
-        keep = 1.0 - 1.0 / num_batches_tracked.double().clamp_min(1.0)
-    stats = _stats.GlobalMoments(count, mean, var)
-    _stats.update_running_stats(running_mean, running_var, stats, keep, unbiased_var)
+    from . import _step
+
+    merged = _step.Merged(mean, mean, batch_var, count.to(mean.dtype),
+                          (count > 1).to(mean.dtype))
+    _step.update_running_(running_mean, running_var, merged, decay, num_batches_tracked,
+                          mean.dtype)
 
 
 @_update_running_stats_op.register_fake
 def _(running_mean: Tensor | None, running_var: Tensor | None,
-      mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+      mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
       num_batches_tracked: Tensor | None) -> None:
     return None
 
@@ -376,11 +360,13 @@ def global_moments(
     site: _comm.CallSite | None,
     call: int,
     single_value: SingleValuePolicy,
-) -> tuple[_stats.GlobalMoments, Tensor | None]:
-    """Statistics of the global batch (one collective), and Paddle's one-value flag.
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The summed packing of the global batch (one collective), and Paddle's one-value flag.
 
     Local moments about ``shift``, one all-reduce of ``2C + 2`` float64 values
-    when ``group_name`` is given (else this rank's statistics), then the merge.
+    when ``group_name`` is given (else this rank's packing); the caller merges
+    (``_step.merge``, the same code on every rank whatever its local path).
     Computed without autograd: the Function's backward differentiates through
     μ and σ² analytically. The flag (``ident``, a bool tensor) is returned only
     where the global count may be 1 and the policy is ``"identity"``.
@@ -394,12 +380,14 @@ def global_moments(
             assert site is not None, "a group needs a CallSite"
             packed = _comm.all_reduce_checked(  # C, C, 1, key -> 2C + 2 float64
                 packed, group_name, site, "forward", call, x.shape,
-                single_value_check=few and single_value == "raise", shift=shift)
+                single_value_check=few and single_value == "raise", state=state)
         elif few and single_value == "raise" and moments.count == 1:
             raise single_value_error(1)
-        stats = _stats.merge_global_moments(packed, shift)
-    ident = stats.count == 1 if few and single_value == "identity" else None
-    return stats, ident
+    channels = x.size(1)
+    ident = None
+    if few and single_value == "identity":
+        ident = packed[2 * channels:2 * channels + 1] == 1
+    return packed, ident
 
 
 class SyncBatchNormFunction(torch.autograd.Function):

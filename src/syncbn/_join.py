@@ -217,7 +217,8 @@ class _Recorder:
         self.current: list[_Event] = []
         self.reference: list[_Event] | None = None  # the previous iteration
         self.frozen = False  # this rank has joined: it replays, nothing more to record
-        self.entered = 0  # collectives this rank's replays have entered
+        self.entered_at = -1  # the replayed event whose collectives started last
+        self.described_ahead: tuple[str, float] | None = None  # a forward described at its shift
         self.slots: list[tuple[Any, Tensor]] = []  # this iteration's slots, not read yet
         self.joined_others = False  # a rank of the layers' group was not active this iteration
         self.describing = False  # this iteration is described to ranks with nothing recorded
@@ -279,19 +280,30 @@ class _Recorder:
 
     def before(self, buffer: Tensor, layer: str, phase: str, channels: int, dtype: str,
                shape: list[int], call: int) -> str:
-        if self.frozen:
-            self.entered += 1
+        if self.frozen:  # a replay's collective: the event it belongs to has started
+            self.entered_at = self.context.replayer.position
             return self.context.shadow_name
-        if not self.current:
-            self.read_slots()
+        self.read_slots()  # once per iteration, at its first collective
+        if phase == "shift":
+            # a shift exchange is part of its layer's forward, decided by the layer's state:
+            # a replayed forward makes the same decision, so it is routed, not recorded; a
+            # forward being described is described now, before its shift exchange
+            if self.describing:
+                module = self.by_name.get(layer, self.pending)
+                self.describe(_Event("forward", layer, channels, 2 * channels + 2,  # its buffer
+                                     getattr(torch, dtype), buffer.device, tuple(shape),
+                                     float(call), module))
+                self.described_ahead = (layer, float(call))
+            return self.context.shadow_name
         module = None
         if phase == "forward":  # a layer of a unique name, else the one whose forward runs
             module = self.by_name.get(layer, self.pending)
             self.pending = None
         event = _Event(phase, layer, channels, buffer.numel(), getattr(torch, dtype),
                        buffer.device, tuple(shape), float(call), module)
-        if self.describing:
+        if self.describing and self.described_ahead != (layer, float(call)):
             self.describe(event)
+        self.described_ahead = None
         ref, j = self.reference, len(self.current)
         if ref is not None and self.joined_others and (j >= len(ref) or not ref[j].same_as(event)):
             self.send_mismatch(j)
@@ -737,7 +749,7 @@ class _JoinContext:
         recorder = self.recorder
         assert recorder is not None
         replayer = self.replayer
-        recorder.entered = 0
+        recorder.entered_at = -1
         record = replayer.record
         if record is None and recorder.iterations > 0:
             record = replayer.record = recorder.current
@@ -748,7 +760,7 @@ class _JoinContext:
             done = replayer.replay(events)
         except (RuntimeError, ValueError) as error:  # SyncBatchNormError too
             event = replayer.event
-            if event is not None and recorder.entered == replayer.position:
+            if event is not None and recorder.entered_at != replayer.position:
                 # it failed before its collective, where the active ranks wait: fail theirs
                 _comm.send_mismatch(self.shadow, event.numel, event.device)
             raise _wrap(error, self.rank, record or []) from error

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _checks, _comm, _stats
+from . import _checks, _comm, _policy, _stats
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
 from ._pickling import GroupPicklingMixin, check_group_travelled
@@ -30,7 +30,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     variance, ``momentum=None`` giving the cumulative average. In eval the running
     statistics normalize without any communication. Unlike torch's layer it trains
     on CPU (gloo) as well as on accelerators, with uneven and empty per-rank
-    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C``
+    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C + 2``
     backward.
 
     Without an initialized process group, or with a group of one rank, it is
@@ -46,14 +46,21 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
       output for backward, recomputing the normalized values from it (In-Place
       ABN, arXiv:1712.02616): about half the activation memory of BatchNorm
       followed by a separate activation, same results;
-    - ``timeout``: seconds one collective may take before a
+    - ``timeout``: seconds (0.001 to 1e7: collective timeouts count whole
+      milliseconds) one collective may take before a
       :class:`syncbn.SyncBatchNormError` naming this layer (default the
       ``SYNCBN_TIMEOUT`` variable, else the group's own timeout);
-    - ``debug``: compare a fingerprint of layer, call count, channels and dtype
-      across ranks before every collective (default the ``SYNCBN_DEBUG`` variable);
+    - ``debug``: compare a fingerprint of layer, channels, dtype, phase, eps and
+      momentum across ranks before every collective (default the ``SYNCBN_DEBUG``
+      variable);
     - ``name``: how errors and the out-of-step checks tell this layer from
       others; ``convert_sync_batchnorm`` names every layer by its path in the model.
       Unnamed layers of equal size cannot be told apart by those checks.
+
+    ``SYNCBN_TIMEOUT`` and ``SYNCBN_DEBUG`` are read at every eager training
+    forward, but under ``torch.compile`` when the layer is traced: changed after the
+    first compiled step, they are ignored until ``torch._dynamo.reset()`` (or a new
+    ``torch.compile``) and a new trace.
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
@@ -69,6 +76,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
     _syncbn_calls: int
     """Training forwards run so far on this rank, in eager mode (messages name it)."""
+    _syncbn_steps: int | None
+    """Host mirror of ``num_batches_tracked`` on accelerators (see ``_steps``)."""
 
     activation: Activation
     inplace: bool
@@ -123,6 +132,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         self._syncbn_name = name
         self._syncbn_group_lost = False
         self._syncbn_calls = 0
+        self._syncbn_steps = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -170,8 +180,38 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             inplace_activation=self.activation if self.inplace else None, mask=mask,
             call=call,
             num_batches_tracked=self.num_batches_tracked if tracked else None,
+            steps=self._steps() if tracked else None,
         )
         return out if self.inplace else self.activation.apply(out)
+
+    def _steps(self) -> int | None:
+        """``num_batches_tracked`` (this step counted) as a host int, for the shift.
+
+        CPU: read (no kernel, no sync). Accelerators: a host mirror, read once after
+        construction, ``load_state_dict`` or ``reset_running_stats`` and then counted
+        along, so no step reads the device (see ``syncbn._policy``). ``None`` under
+        compile (the compiled shift reads the count on the device).
+        """
+        counter = self.num_batches_tracked
+        if counter is None or counter.is_meta or torch.compiler.is_compiling():
+            return None
+        if _policy.host_reads(counter.device):
+            steps = _policy.host_int(counter)
+        else:
+            mirror: int | None = self.__dict__.get("_syncbn_steps")
+            if mirror is None:
+                mirror = _policy.host_int(counter) - 1  # one host read; this step counted below
+            steps = mirror if is_recomputing() else mirror + 1
+        self._syncbn_steps = steps
+        return steps
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._syncbn_steps = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._syncbn_steps = None
 
     def _check_group(self) -> None:
         """The layer's group must be usable; errors name the layer."""
