@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.algorithms.join import JoinHook
 
 import harness
 import syncbn
@@ -381,6 +382,102 @@ def test_a_rank_that_does_not_enter_join_is_an_error_within_the_timeout(
     assert results[1]["error"] is None
     assert "every rank of the job must enter syncbn.join together" in results[0]["error"]
     assert 1.5 < results[0]["seconds"] < 2 + 5, results[0]
+
+
+def _entry_error(case: str) -> str | None:
+    """Enter syncbn.join with groups that cannot work; the error this rank gets."""
+    rank = dist.get_rank()
+    pair = dist.new_group([0, 1])  # every rank creates it (torch's rule)
+    model = syncbn.convert_sync_batchnorm(_model())
+    if case == "several" and rank == 1:  # this rank's layers on two groups
+        model[4].process_group = pair
+    if case == "disagree" and rank == 0:  # rank 0's layers on [0, 1], the others' on all
+        model = syncbn.convert_sync_batchnorm(_model(), process_group=pair)
+    try:
+        with syncbn.join(model):
+            pass
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    pytest.param("several", [r"rank\(s\) \[1\] are on several process groups",
+                             r"expected the SyncBatchNorm layers of the model to share one "
+                             r"process group, got 2",
+                             r"rank\(s\) \[1\] are on several process groups"],
+                 id="one-rank-on-two-groups"),
+    pytest.param("disagree", [r"ranks disagree on the process groups of the model: rank 0 has "
+                              r"its SyncBatchNorm layers on ranks \[0, 1\] .*, rank 1 has "
+                              r"\[0, 1, 2\] and \[0, 1, 2\]"] * 3, id="ranks-disagree"),
+])
+def test_groups_that_cannot_join_are_refused_on_every_rank(case: str,
+                                                           expected: list[str]) -> None:
+    errors = harness.run_ranks(3, _entry_error, case, timeout=TIMEOUT_S)
+    for rank, (error, pattern) in enumerate(zip(errors, expected, strict=True)):
+        assert error is not None, f"rank {rank} entered"
+        with pytest.raises(ValueError, match=pattern):
+            raise ValueError(error)
+
+
+def _first_iterations_differ() -> dict[str, Any]:
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(_Branchy())
+    start = time.monotonic()
+    try:
+        with syncbn.join(model):
+            if rank > 0:  # rank 0 has no batch; rank 1 runs the extra layer, rank 2 not
+                model(_batch(rank, 0), rank - 1).sum().backward()
+    except syncbn.SyncBatchNormError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def test_active_ranks_whose_first_iterations_differ_are_an_error_on_every_rank() -> None:
+    # rank 0 has no batch: it replays what ranks 1 and 2 describe, which differs
+    results = harness.run_ranks(3, _first_iterations_differ, timeout=TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank} did not raise"
+        with pytest.raises(syncbn.SyncBatchNormError,
+                           match=r"describe each SyncBatchNorm collective to it, but they "
+                                 r"described different ones \(their layer"):
+            raise syncbn.SyncBatchNormError(result["error"])
+        assert result["seconds"] < 10, result
+
+
+def _layer_outside_the_model() -> str | None:
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(_model())
+    outside = syncbn.SyncBatchNorm(2, name="outside").double()  # on the same (default) group
+    try:
+        with syncbn.join(model):
+            if rank == 1:  # rank 0 has no batch and replays what rank 1 describes
+                model(_batch(rank, 0)).sum().backward()
+                outside(torch.randn(4, 2, dtype=torch.float64))
+    except syncbn.SyncBatchNormError as error:
+        return str(error)
+    return None
+
+
+def test_a_layer_outside_the_joined_model_cannot_be_described() -> None:
+    errors = harness.run_ranks(2, _layer_outside_the_model, timeout=TIMEOUT_S)
+    for rank, error in enumerate(errors):
+        assert error is not None, f"rank {rank} did not raise"
+        with pytest.raises(syncbn.SyncBatchNormError,
+                           match=r"the active ranks' SyncBatchNorm collective \(C=2\) is not one "
+                                 r"of the SyncBatchNorm layers of the model given to syncbn.join"):
+            raise syncbn.SyncBatchNormError(error)
+
+
+def test_an_unknown_ddp_is_refused_with_the_way_out() -> None:
+    from syncbn._join import _DDPShadow
+
+    with pytest.raises(RuntimeError, match=r"does not know this torch's DistributedDataParallel "
+                                           r"\(it shadows DDP's join steps itself; missing "
+                                           r"_check_and_sync_module_buffers, .*\); use "
+                                           r"DistributedDataParallel.join\(\) with "
+                                           r"throw_on_early_termination=True"):
+        _DDPShadow(nn.Linear(1, 1), JoinHook())
 
 
 def _disabled() -> list[int]:

@@ -634,8 +634,10 @@ class _JoinContext:
                                     *_bits(ddp_ranks, words)], _comm.env_timeout())
         members = {r: (row[0], _unbits(row[1:1 + words]), _unbits(row[1 + words:]))
                    for r, row in enumerate(rows)}
+        if several:  # this rank raises its own error
+            return None, None, None
         broken = sorted(r for r, (s, _, _) in members.items() if s == 2)
-        if broken and not several:
+        if broken:
             raise ValueError(
                 f"syncbn.join: the SyncBatchNorm layers of rank(s) {broken} are on several "
                 "process groups, so no rank can join; give the layers of each model one group")
@@ -653,8 +655,6 @@ class _JoinContext:
                     + ("has no SyncBatchNorm layers" if other[0] == 1 else
                        f"has {list(other[1])} and {list(other[2])}")
                     + "; every rank must join the same model on the same groups")
-        if several:
-            return None, None, None
         layer_sets = sorted({layer for s, layer, _ in members.values() if s == 0})
         loop_sets = sorted({loop for s, layer, loop in members.values()
                             if s == 0 and loop != layer})
