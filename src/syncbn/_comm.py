@@ -493,6 +493,11 @@ def new_group_of(ranks: list[int], backend: str | None,
     return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
 
 
+def host_backend(backend: str | None) -> str | None:
+    """The backend for small host-side messages: gloo (CPU tensors) where it is built in."""
+    return "gloo" if dist.is_gloo_available() else backend
+
+
 def destroy_group(process_group: ProcessGroup) -> None:
     """Destroy a group made by :func:`new_group_of` (only one with no pending work)."""
     dist.destroy_process_group(process_group)

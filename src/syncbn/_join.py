@@ -14,7 +14,8 @@ interleave with DDP's gradient all-reduces) and a *control* group, and for
 each DDP group of other ranks than its layers' a *loop* group (torch's rule
 for ``new_group``: every rank, every group, one order).
 
-Control messages. Every message on a control or loop group is one SUM
+Control messages. Every message on a control or loop group (gloo where it is
+built in: host tensors, so reading one never waits for a device) is one SUM
 all-reduce of :data:`_MESSAGE` float64 values, so any two messages pair
 without a size mismatch:
 
@@ -54,8 +55,9 @@ of the others, until everyone has joined; each round, on one thread:
    described one): each forward on an empty input ``(0, …)`` in the layer's
    own layout (channel-last for Paddle's ``NHWC`` & co.), each backward on a
    zero gradient, in the recorded order (the copies' running statistics follow
-   the active ranks' bit for bit, and with them the shift every forward key
-   folds in);
+   the active ranks' bit for bit, and with them each layer's shift and whether
+   its forward first exchanges one: shift exchanges are routed, not recorded;
+   a described forward is described before its shift exchange);
 3. it posts the next iteration slot and waits for DDP's buckets, unless that
    slot brings poison.
 
@@ -601,10 +603,11 @@ class _JoinContext:
         self.shadow, control, loop = made
         self.made = [g for g in (self.shadow, control, loop) if g is not None]
         self.shadow_name = str(self.shadow.group_name)
-        self.control = _Channel(control, self.device, self.rank, "the layers' group")
+        host = torch.device("cpu") if _comm.backend_name(control) == "gloo" else self.device
+        self.control = _Channel(control, host, self.rank, "the layers' group")
         self.channels = [self.control]
         if loop is not None:
-            self.channels.append(_Channel(loop, self.device, self.rank, "DDP's group"))
+            self.channels.append(_Channel(loop, host, self.rank, "DDP's group"))
         if self.ddp is not None:
             hooks = getattr(self.join, "_join_hooks", None)
             if not isinstance(hooks, list) or len(hooks) != 2:
@@ -660,6 +663,7 @@ class _JoinContext:
                             if s == 0 and loop != layer})
         mine = members[rank]
         backend = None if group is None else _comm.backend_name(group)
+        host = _comm.host_backend(backend)  # control messages: host tensors, no device sync
         timeout = None if group is None else _comm.group_timeout(group)
         loop_timeout = None if self.ddp is None else _comm.group_timeout(self.ddp.process_group)
         shadow: Any = None
@@ -667,13 +671,13 @@ class _JoinContext:
         loop: Any = None
         for ranks in layer_sets:
             here = ranks == mine[1]
-            made = [_comm.new_group_of(list(ranks), backend if here else None,
-                                       timeout if here else None) for _ in range(2)]
+            made = [_comm.new_group_of(list(ranks), kind if here else None,
+                                       timeout if here else None) for kind in (backend, host)]
             if here:
                 shadow, control = made
         for ranks in loop_sets:
             here = ranks == mine[2] and mine[2] != mine[1]
-            made_loop = _comm.new_group_of(list(ranks), backend if here else None,
+            made_loop = _comm.new_group_of(list(ranks), host if here else None,
                                            loop_timeout if here else None)
             if here:
                 loop = made_loop
