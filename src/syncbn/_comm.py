@@ -459,27 +459,107 @@ def set_join_observer(group_name: str, observer: JoinObserver | None) -> None:
         _join_observers[group_name] = observer
 
 
-def new_group_like(process_group: ProcessGroup) -> ProcessGroup:
-    """A new group of the same ranks and backend (every rank of the world must call it)."""
-    ranks = dist.get_process_group_ranks(process_group)
-    return dist.new_group(ranks=ranks, backend=backend_name(process_group))
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank in the default group and the number of ranks of the job."""
+    return int(dist.get_rank()), int(dist.get_world_size())
+
+
+def group_ranks(process_group: ProcessGroup) -> list[int]:
+    """The global ranks of a group, in group-rank order."""
+    return [int(r) for r in dist.get_process_group_ranks(process_group)]
+
+
+def group_timeout(process_group: ProcessGroup) -> timedelta | None:
+    """The group's own collective timeout, where this torch tells it (else ``None``)."""
+    try:
+        device = torch.device("cuda") if backend_name(process_group) == "nccl" \
+            else torch.device("cpu")
+        timeout = process_group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return timeout if isinstance(timeout, timedelta) else None
+
+
+def exchange_rows(row: list[int], timeout_s: float | None) -> list[list[int]]:
+    """Every rank's ``row`` (ints, one length everywhere), all-gathered over the default group.
+
+    Every rank of the job must call it. Waits at most ``timeout_s`` (``None``:
+    the group's own timeout); a rank that does not come makes it raise
+    :class:`SyncBatchNormError` (the default group is then aborted: it cannot be
+    used again).
+    """
+    world = dist.group.WORLD
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if backend_name(world) == "nccl" else torch.device("cpu")
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    start = time.monotonic()
+    try:
+        _wait(dist.all_gather(table, mine, async_op=True), timeout_s)
+    except RuntimeError as error:
+        left = _abort(world)
+        raise SyncBatchNormError(
+            f"syncbn.join: every rank of the job must enter syncbn.join together (it creates "
+            f"process groups), but the exchange over the {dist.get_world_size()} ranks failed "
+            f"after {time.monotonic() - start:.2f} s ({str(error).strip()[:300]}); {left}"
+        ) from error
+    return [[int(v) for v in t.tolist()] for t in table]
+
+
+def new_group_of(ranks: list[int], backend: str | None,
+                 timeout: timedelta | None) -> ProcessGroup:
+    """``dist.new_group(ranks)``: every rank of the job must call it, with the same ranks,
+    in the same order as the others (torch's rule); ranks outside get a placeholder."""
+    return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+
+
+def host_backend(backend: str | None) -> str | None:
+    """The backend for small host-side messages: gloo (CPU tensors) where it is built in."""
+    return "gloo" if dist.is_gloo_available() else backend
 
 
 def destroy_group(process_group: ProcessGroup) -> None:
-    """Destroy a group made by :func:`new_group_like`."""
+    """Destroy a group made by :func:`new_group_of` (only one with no pending work)."""
     dist.destroy_process_group(process_group)
 
 
-def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device,
-                  timeout_s: float) -> None:
+def abort_group(process_group: ProcessGroup) -> None:
+    """Abort a group whose work may be pending and never destroy it (see :func:`_abort`)."""
+    _abort(process_group)
+
+
+def keep_group(process_group: ProcessGroup) -> None:
+    """Never destroy a group that may hold pending work (its destructor would wait for it)."""
+    if not any(g is process_group for g in _broken_groups):
+        _broken_groups.append(process_group)
+        _keep_until_exit(process_group)
+
+
+def post_sum(tensor: Tensor, process_group: ProcessGroup) -> Any:
+    """Start a sum all-reduce of ``tensor`` in place over the group; its work handle."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
+
+
+def wait_work(work: Any, timeout_s: float | None) -> None:
+    """Wait for a work handle, at most ``timeout_s`` (``None``: the group's own timeout).
+
+    Raises:
+        RuntimeError: the collective failed or timed out (torch's error).
+    """
+    _wait(work, timeout_s)
+
+
+def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device) -> None:
     """Take part in a peer's pending collective of ``numel`` float64 with step key 0.
 
     Keys are at least 1, so the peer's out-of-step check fails at once instead of
-    waiting for a partner that will not come. Failures are ignored (best effort).
+    waiting for a partner that will not come. Nothing waits for it (a peer may
+    never come): the group must not be used again, and is never destroyed.
     """
     buffer = torch.zeros(numel, dtype=torch.float64, device=device)
-    with contextlib.suppress(RuntimeError):
-        _wait(dist.all_reduce(buffer, group=process_group, async_op=True), timeout_s)
+    with contextlib.suppress(RuntimeError):  # best effort: an aborted group refuses at once
+        dist.all_reduce(buffer, group=process_group, async_op=True)
+    keep_group(process_group)
 
 
 _agreed: set[tuple[str, int]] = set()
