@@ -140,7 +140,7 @@ def test_eval_without_running_stats_uses_the_mask() -> None:
     torch.testing.assert_close(y1[valid], want[valid], rtol=1e-12, atol=1e-12)
 
 
-# --- 10. debug mode on one rank only ---------------------------------------------------------------
+# --- 10. debug mode on one rank only ------------------------------------------------------
 
 
 def _debug_on_one_rank() -> dict[str, Any]:
