@@ -202,7 +202,9 @@ def lean_batch_norm(
             s.copy_(exchange_shift(x, None, group_name, site, call))
         xd = x.detach()
         tail, key = _tail(plan, running_mean)
-        d = xd - s.view(plan.shape_c())
+        # into an output laid out like the input: a broadcast subtraction on channels_last
+        # otherwise takes torch's slow path (1.9 ms against 0.2 ms on (8, 64, 56, 56))
+        d = torch.sub(xd, s.view(plan.shape_c()), out=torch.empty_like(xd, dtype=plan.acc))
         packed = None
         if not plan.sums:  # small CPU inputs: the moments of the deviations in one kernel
             if plan.ndim > 2:  # torch's batch-norm statistics: Σ/n (an inf stays inf), and
@@ -371,13 +373,18 @@ def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prim
     float32, rounded once (``a·dy`` and ``b·x + c`` rounded apart cancel badly when
     ``dy`` is mostly a per-channel constant plus a multiple of x̂).
     """
+    shape = plan.shape_c()
     if plan.sixteen_bit:
-        shape = plan.shape_c()
         c = torch.addcmul(c_prime, b, mean, value=-1.0)
         out = torch.addcmul(c.view(shape), x, b.view(shape))
         return out.addcmul_(dy, a.view(shape)).to(x.dtype)
+    if not x.is_contiguous():  # channels_last: a broadcast multiply-add into x's layout is
+        # faster than the inference kernel there (0.49 against 0.72 ms for dx, (8, 64, 56, 56))
+        c = torch.addcmul(c_prime, b, mean, value=-1.0)
+        out = torch.addcmul(c.view(shape), x, b.view(shape), out=torch.empty_like(x))
+        return out.addcmul_(dy, a.view(shape))
     out = torch.batch_norm(x, b, c_prime, mean, plan.ones, False, 0.0, 0.0, False)
-    return out.addcmul_(dy, a.view(plan.shape_c()))
+    return out.addcmul_(dy, a.view(shape))
 
 
 class LeanBatchNormFunction(torch.autograd.Function):
