@@ -1,4 +1,8 @@
-"""Issue 15, the core items: each test fails on the core before the fix (6ff5902).
+"""The core at its edges: mispaired collectives, float64 at large offsets, in-place
+weight bounds, eps = 0, the silent single-rank fallback, per-rank eps/momentum in
+debug mode, double backward, ranks restored differently, timeouts and meta tensors.
+
+These began as issue 15's core items; each failed on the core before the fix (6ff5902).
 
 Multi-process cases run on real gloo ranks (tests/harness.py); each fault gets a
 fresh subgroup with a short gloo timeout, so a hang fails in seconds and the
