@@ -297,8 +297,11 @@ def test_eps_zero_in_training_is_torchs_error_on_two_ranks() -> None:
     for outcome in harness.run_ranks(2, _eps_zero):
         assert outcome["error"] == "ValueError", outcome
         assert outcome["message"].startswith("batch_norm eps must be positive during training")
-    with pytest.raises(ValueError, match="batch_norm eps must be positive during training"):
-        F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0)  # the oracle
+    # the oracle: torch itself refuses eps = 0 from 2.10 on (2.13 in these words); older
+    # releases accept it and return NaN or the bias
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 10):
+        with pytest.raises(ValueError, match="batch_norm eps must be positive"):
+            F.batch_norm(torch.randn(4, 3), None, None, training=True, eps=0.0)
 
 
 # --- 5. silent local fallback ----------------------------------------------------------------
