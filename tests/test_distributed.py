@@ -268,6 +268,9 @@ def test_errors_on_a_live_group() -> None:
 
 def _destroyed_group_error() -> str:
     group = dist.new_group([0, 1])
+    # every rank has connected before one destroys its side (older torch connects gloo
+    # eagerly in new_group: a peer destroying early fails the other's connect)
+    dist.barrier()
     module = syncbn.SyncBatchNorm(3, process_group=group)
     dist.destroy_process_group(group)
     try:

@@ -41,7 +41,11 @@ def test_strict_export_of_converted_eval_model_without_process_group() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         program = torch.export.export(model, (x,), strict=True)
-    assert not [str(w.message) for w in caught], "strict export warned (side effects?)"
+    # torch's notice about the interpreter (Python 3.13.0: "Consider upgrading to Python
+    # 3.13.1+"), not about the model, is not a side effect
+    warned = [str(w.message) for w in caught]
+    warned = [text for text in warned if "Consider upgrading to Python" not in text]
+    assert not warned, "strict export warned (side effects?)"
 
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     assert targets.count("aten.batch_norm.default") + targets.count(

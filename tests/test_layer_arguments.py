@@ -1,10 +1,9 @@
-"""Issue 15, item 10 (core arguments): the behaviour the core should have, as failing tests.
+"""The layer's arguments at their edges: integer input (the fix hint must work), momentum
+given as a tensor or numpy scalar, infinite and huge timeouts.
 
-Each test here fails on the current core and states what it should do instead;
-the lead fixes the core (``_checks.py``, ``_comm.py``, ``modules.py``) and drops
-the ``xfail`` marks. The oracle for accepted arguments is plain
-``torch.nn.BatchNorm2d`` given the same argument: what torch accepts, we accept,
-with the same numbers.
+These began as issue 15, item 10 (each failed on the core before its fix). The oracle
+for accepted arguments is plain ``torch.nn.BatchNorm2d`` given the same argument: what
+torch accepts, we accept, with the same numbers.
 """
 
 from __future__ import annotations
