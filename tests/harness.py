@@ -68,6 +68,11 @@ def _worker(rank: int, world_size: int, init_file: str, tasks: Any, results: Any
         if payload is None:
             break
         try:
+            # every task is a job of its own: syncbn's once-per-group debug-mode check
+            # (per process) runs again at its first collective, on every rank alike
+            from syncbn import _comm
+
+            _comm._agreed.clear()
             fn, args, kwargs = pickle.loads(payload)
             value = fn(*args, **kwargs)
             results.put((rank, "ok", pickle.dumps(value)))

@@ -248,20 +248,22 @@ def _shift(input: Tensor, mask: Tensor | None, running_mean: Tensor | None,
 
     Eager code: the layer's state (:func:`_step.shift_from_state`), else one exchange
     (:func:`_step.exchange_shift`). Compiled code (no host value of the step count
-    may steer it): the bias-corrected running mean (:func:`effective_shift`) where the
-    layer tracks one that moves, else the exchange.
+    may steer it, and no collective may be added that depends on nothing): the
+    bias-corrected running mean (:func:`effective_shift`), or 0 without one.
     """
     acc = _stats.acc_dtype(input.dtype)
     if torch.compiler.is_compiling():
-        if running_mean is not None and (cumulative or decay < 1.0):
-            point = effective_shift(running_mean, num_batches_tracked,
-                                    None if cumulative else decay)
-            assert point is not None
-            return point.to(acc)
-    else:
-        out = torch.empty(input.size(1), dtype=acc, device=input.device)
-        if _step.shift_from_state(running_mean, steps, decay, cumulative, out):
-            return out
+        # no exchange in compiled code: its collective would depend on nothing before it
+        # on an empty rank, and inductor may then move it ahead of earlier layers'
+        # collectives; a layer without running statistics takes its moments about 0
+        point = effective_shift(running_mean, num_batches_tracked,
+                                None if cumulative else decay)
+        if point is None:
+            return torch.zeros(input.size(1), dtype=acc, device=input.device)
+        return point.to(acc)
+    out = torch.empty(input.size(1), dtype=acc, device=input.device)
+    if _step.shift_from_state(running_mean, steps, decay, cumulative, out):
+        return out
     return _step.exchange_shift(input, mask, group_name, site, call)
 
 
