@@ -315,12 +315,14 @@ _EXPONENTS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
 def _inverse_powers(var_eps: Tensor) -> Tensor:
     """``[(σ² + eps)^(−1/2), (σ² + eps)^(−1)]`` as one (2, C) tensor, in one kernel."""
+    if torch.compiler.is_compiling():  # no global tensor in a graph: a constant of its own
+        exponents = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
+        return torch.pow(var_eps.unsqueeze(0), exponents)
     where = (var_eps.dtype, var_eps.device)
     exponents = _EXPONENTS.get(where)
     if exponents is None:
         exponents = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
-        if not torch.compiler.is_compiling():
-            _EXPONENTS[where] = exponents
+        _EXPONENTS[where] = exponents
     return torch.pow(var_eps.unsqueeze(0), exponents)
 
 
