@@ -16,7 +16,7 @@ import harness
 
 # --- the quick set ------------------------------------------------------------------------
 # `bash scripts/test.sh` runs `pytest -m "not full"`: every test module's basic promise in
-# about 3 minutes on 2 cores. `bash scripts/test.sh --all` (CI, .ci/run) runs everything.
+# 2-3 minutes on 2 cores. `bash scripts/test.sh --all` (CI, .ci/run) runs everything.
 # A test is marked `full` (only under --all) when it is marked `slow` or matches a pattern
 # of FULL_ONLY, unless it matches QUICK_ALSO. Patterns are fnmatch patterns on the node id
 # (path from the repository root, "::", the test's name with its parameters), so they
