@@ -93,6 +93,30 @@ def test_convert_errors(args: tuple[object, ...], error: type[Exception], patter
         syncbn.convert_sync_batchnorm(*args)  # type: ignore[arg-type]
 
 
+def test_convert_accepts_the_non_member_placeholder() -> None:
+    """On a rank outside a group, ``new_group`` returns a placeholder; conversion takes it
+    (as torch's does), eval runs, and a training forward refuses it naming the layer. The
+    3-rank case is in test_torch_conformance.py."""
+    placeholder = torch.distributed.GroupMember.NON_GROUP_MEMBER
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).double().eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1.0, 1.0)
+        model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = model(x)
+    converted = syncbn.convert_sync_batchnorm(copy.deepcopy(model), process_group=placeholder)
+    assert converted[1].process_group == placeholder
+    torch.testing.assert_close(converted(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(copy.deepcopy(converted)(x), expected, rtol=0, atol=0)
+    converted.train()
+    with pytest.raises(ValueError, match=(
+            r"^SyncBatchNorm '1''s process_group does not include this rank \(no process "
+            r"group is initialized\): .* where the layer can only evaluate")):
+        converted(x)
+    layer = syncbn.SyncBatchNorm(4, process_group=placeholder)
+    assert layer.process_group == placeholder
+
+
 def test_revert_restores_source_classes_losslessly() -> None:
     model = _model()
     classes = {n: type(m) for n, m in _norm_layers(model)}

@@ -73,3 +73,33 @@ def test_two_ranks_on_cuda(backend: str) -> None:
     torch.testing.assert_close(torch.cat([r["dx"] for r in results]), x_all.grad)
     for r in results:
         torch.testing.assert_close(r["rm"], bn.running_mean)
+
+
+def _no_host_sync_in_a_step() -> dict[str, Any]:
+    """Steady-state training steps on CUDA (gloo on CUDA tensors) with torch's sync debug
+    mode set to error: any device→host read (``.item()``, ``.cpu()``, a sync copy) raises."""
+    rank = dist.get_rank()
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    layers = torch.nn.Sequential(*[syncbn.SyncBatchNorm(16) for _ in range(4)]).to(device)
+    x = torch.randn(4, 16, 8, 8, device=device, requires_grad=True)
+    params = [x, *layers.parameters()]
+    dy = torch.randn(4, 16, 8, 8, device=device)
+    for _ in range(3):  # the first step exchanges shifts and reads the step count once
+        torch.autograd.grad(layers(x), params, dy)
+    torch.cuda.synchronize()
+    errors: list[str] = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            torch.autograd.grad(layers(x), params, dy)
+    except RuntimeError as error:
+        errors.append(str(error))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"errors": errors}
+
+
+def test_a_training_step_on_cuda_reads_nothing_from_the_device() -> None:
+    for result in harness.run_ranks(2, _no_host_sync_in_a_step):
+        assert result["errors"] == [], result["errors"]

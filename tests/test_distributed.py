@@ -71,13 +71,18 @@ def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
     original = dist.all_reduce
 
     def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        calls.append(("all_reduce", tensor.numel() * tensor.element_size(), str(tensor.dtype)))
+        if tensor.numel() != 2:  # not the once-per-group debug-mode check (agree_on_mode)
+            calls.append(("all_reduce", tensor.numel() * tensor.element_size(),
+                          str(tensor.dtype)))
         return original(tensor, *args, **kwargs)
 
     module = syncbn.SyncBatchNorm(channels)
     x = torch.randn(3 + dist.get_rank(), channels, 4, 4, requires_grad=True)
     dist.all_reduce = counting
     try:
+        module(x).sum().backward()  # a fresh layer exchanges its shift first
+        first_calls = list(calls)
+        calls.clear()
         module(x).sum().backward()
         train_calls = list(calls)
         calls.clear()
@@ -88,7 +93,7 @@ def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
         eval_calls = list(calls)
     finally:
         dist.all_reduce = original
-    return {"train": train_calls, "eval": eval_calls}
+    return {"first": first_calls, "train": train_calls, "eval": eval_calls}
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -96,6 +101,8 @@ def test_one_collective_each_way_of_constant_size(world_size: int) -> None:
     channels = 16
     results = harness.run_ranks(world_size, _count_collectives, channels, True)
     for result in results:
+        # the first step: the shift exchange, then the two, all of one size
+        assert result["first"] == [("all_reduce", 8 * (2 * channels + 2), "torch.float64")] * 3
         forward, backward = result["train"]
         # one size both ways (so any mispairing is caught by the step key), O(C), not O(W)
         assert forward == ("all_reduce", 8 * (2 * channels + 2), "torch.float64")

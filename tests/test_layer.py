@@ -293,7 +293,7 @@ def test_name_keyword_and_timeout_validation() -> None:
     assert syncbn.SyncBatchNorm(3, name="head.bn").layer_name == "head.bn"
     with pytest.raises(TypeError, match=r"timeout to be a number of seconds"):
         syncbn.SyncBatchNorm(3, timeout=True)
-    with pytest.raises(ValueError, match=r"0 < timeout <= 1e\+07 seconds, got 0"):
+    with pytest.raises(ValueError, match=r"0\.001 <= timeout <= 1e\+07 seconds, got 0;"):
         syncbn.SyncBatchNorm(3, timeout=0)
 
 

@@ -11,7 +11,7 @@ from .convert import register_conversion as register_conversion
 from .convert import revert_sync_batchnorm as revert_sync_batchnorm
 from .modules import SyncBatchNorm as SyncBatchNorm
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "SyncBatchNorm",

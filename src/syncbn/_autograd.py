@@ -96,56 +96,40 @@ def count_step_(num_batches_tracked: Tensor) -> None:
 
 def update_running_stats_(
     running_mean: Tensor | None, running_var: Tensor | None,
-    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+    mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
     num_batches_tracked: Tensor | None,
 ) -> None:
-    """The running statistics after a step; see ``_stats``.
+    """The running statistics after a compiled or traced step (:func:`_step.update_running_`).
 
-    ``running ← decay·running + (1 − decay)·batch`` (:func:`_stats.blend_running_stats`);
-    with ``num_batches_tracked`` given, ``decay = 1 − 1/num_batches_tracked`` (the
-    cumulative average of ``momentum=None``). The mutating custom op
-    ``syncbn::update_running_stats_`` in compiled code, so that it runs once per
-    step in eager and compiled code alike; eager code runs its body directly
-    (:func:`runs_op_body_directly`). Either skips itself inside a checkpoint's
-    recompute.
+    The mutating custom op ``syncbn::update_running_stats_``, so that it runs once
+    per step in compiled code too; it skips itself inside a checkpoint's recompute.
+    ``count`` is the global count (a (1,) float64 tensor): no update where it is ≤ 1.
     """
-    args = (running_mean, running_var, mean, var, count, decay, unbiased_var,
-            num_batches_tracked)
-    if runs_op_body_directly(running_mean, running_var, mean, var, count, num_batches_tracked):
-        _update_running_stats(*args)
-    else:
-        _update_running_stats_op(*args)
+    _update_running_stats_op(running_mean, running_var, mean, batch_var, count, decay,
+                             num_batches_tracked)
 
 
 @torch.library.custom_op("syncbn::update_running_stats_",
                          mutates_args=("running_mean", "running_var"))
 def _update_running_stats_op(
     running_mean: Tensor | None, running_var: Tensor | None,
-    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+    mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
     num_batches_tracked: Tensor | None,
 ) -> None:
     """See :func:`update_running_stats_`."""
-    _update_running_stats(running_mean, running_var, mean, var, count, decay, unbiased_var,
-                          num_batches_tracked)
-
-
-def _update_running_stats(
-    running_mean: Tensor | None, running_var: Tensor | None,
-    mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
-    num_batches_tracked: Tensor | None,
-) -> None:
     if _recomputing_now():
         return
-    keep: float | Tensor = decay
-    if num_batches_tracked is not None:
-        keep = 1.0 - 1.0 / num_batches_tracked.double().clamp_min(1.0)
-    stats = _stats.GlobalMoments(count, mean, var)
-    _stats.update_running_stats(running_mean, running_var, stats, keep, unbiased_var)
+    from . import _step
+
+    merged = _step.Merged(mean, mean, batch_var, count.to(mean.dtype),
+                          (count > 1).to(mean.dtype))
+    _step.update_running_(running_mean, running_var, merged, decay, num_batches_tracked,
+                          mean.dtype)
 
 
 @_update_running_stats_op.register_fake
 def _(running_mean: Tensor | None, running_var: Tensor | None,
-      mean: Tensor, var: Tensor, count: Tensor, decay: float, unbiased_var: bool,
+      mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
       num_batches_tracked: Tensor | None) -> None:
     return None
 
@@ -196,10 +180,10 @@ def input_grad(x: Tensor, dz: Tensor, a: Tensor, b: Tensor, c: Tensor,
     """``a·dz + b·x + c`` per channel (``a·dz + m·(b·x + c)`` with a mask), in ``x``'s
     dtype and memory format.
 
-    One affine pass over ``x`` plus a fused multiply-add of ``dz``; for 16-bit
-    inputs the mixed-dtype multiply-add is torch's slow path (2.3–8.5 ms against
-    1.3 ms on (8, 64, 56, 56) bfloat16), so ``a·dz`` is a second affine pass. A
-    mask costs one more elementwise pass. The affine pass is torch's inference
+    One affine pass over ``x`` plus a fused multiply-add of ``dz``; 16-bit inputs
+    compute the whole sum in float32 and round once (``a·dz`` and ``b·x + c``
+    rounded apart cancel when ``dz`` is mostly a per-channel constant plus a multiple
+    of x̂). A mask costs one more elementwise pass. The affine pass is torch's inference
     batch-norm kernel, except for float32/float64 inputs in another layout than
     N-C-spatial (channels_last), where a broadcast ``c + b·x`` into an output of
     the input's layout is faster (2.5 against 3.0 ms for the whole of ``dx`` on
@@ -207,16 +191,20 @@ def input_grad(x: Tensor, dz: Tensor, a: Tensor, b: Tensor, c: Tensor,
     code keeps the kernel: dynamo refuses a non-contiguous ``out=``, and inductor
     fuses the passes anyway).
     """
+    ndim = x.dim()
+    if x.dtype in (torch.float16, torch.bfloat16):  # in float32, rounded once
+        out = torch.addcmul(_stats.channel_view(c, ndim), x, _stats.channel_view(b, ndim))
+        if mask is not None:
+            out = torch.where(mask.unsqueeze(1), out, 0)
+        return out.addcmul_(dz, _stats.channel_view(a, ndim)).to(x.dtype)
     if x.is_contiguous() or x.dtype != b.dtype or torch.compiler.is_compiling():
         out = affine_map(x, b, c)
     else:
-        out = torch.addcmul(_stats.channel_view(c, x.dim()), x, _stats.channel_view(b, x.dim()),
+        out = torch.addcmul(_stats.channel_view(c, ndim), x, _stats.channel_view(b, ndim),
                             out=torch.empty_like(x))
-    if mask is not None:
-        out = out.mul_(mask.unsqueeze(1))
-    if x.dtype in (torch.float16, torch.bfloat16):
-        return out.add_(affine_map(dz, a, torch.zeros_like(a)))
-    return out.addcmul_(dz, _stats.channel_view(a, x.dim()))
+    if mask is not None:  # selected, not multiplied: NaN·0 is NaN
+        out = torch.where(mask.unsqueeze(1), out, 0)
+    return out.addcmul_(dz, _stats.channel_view(a, ndim))
 
 
 def local_grad_sums(dy: Tensor, x: Tensor, mean: Tensor, inv_std: Tensor) -> _stats.GradSums:
@@ -243,8 +231,23 @@ def inplace_blocker(x: Tensor, activation: Activation) -> str | None:
     not a leaf that requires grad, not saved by the op that produced it (checked
     in eager mode; compiled code functionalizes the overwrite, and a *later*
     consumer of ``x`` that saved it is caught by autograd's version counter at
-    backward). The weights are checked by :func:`checked_inplace_weight`.
+    backward). The weights are checked by :func:`checked_inplace_weight`; a
+    leaky_relu slope must be at least the dtype's smallest normal number (below it,
+    ``y = slope·z`` is subnormal or 0 and ``z = y/slope`` is lost, as a weight near 0
+    loses x̂).
     """
+    if activation.name == "leaky_relu" and x.is_floating_point():
+        tiny = torch.finfo(x.dtype).tiny
+        if 0 < activation.param < tiny:
+            dtype = str(x.dtype).replace("torch.", "")
+            return (
+                f"inplace=True recovers z = y/slope from the output, but the leaky_relu slope "
+                f"{activation.param:.3g} is below the smallest normal {dtype} number "
+                f"{tiny:.3g}: y = slope·z is then subnormal or 0, so z (and the input "
+                f"gradient) would be off by up to ~{min(1.0, tiny / activation.param * 1e-3):.2g}"
+                f" relative; use a slope ≥ {tiny:.3g} (e.g. 0.01), inplace=False for this "
+                "layer, or a wider dtype"
+            )
     if not activation.invertible:
         return (
             f"inplace=True needs an invertible activation to recompute the normalized "
@@ -376,11 +379,13 @@ def global_moments(
     site: _comm.CallSite | None,
     call: int,
     single_value: SingleValuePolicy,
-) -> tuple[_stats.GlobalMoments, Tensor | None]:
-    """Statistics of the global batch (one collective), and Paddle's one-value flag.
+    state: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The summed packing of the global batch (one collective), and Paddle's one-value flag.
 
     Local moments about ``shift``, one all-reduce of ``2C + 2`` float64 values
-    when ``group_name`` is given (else this rank's statistics), then the merge.
+    when ``group_name`` is given (else this rank's packing); the caller merges
+    (``_step.merge``, the same code on every rank whatever its local path).
     Computed without autograd: the Function's backward differentiates through
     μ and σ² analytically. The flag (``ident``, a bool tensor) is returned only
     where the global count may be 1 and the policy is ``"identity"``.
@@ -394,12 +399,14 @@ def global_moments(
             assert site is not None, "a group needs a CallSite"
             packed = _comm.all_reduce_checked(  # C, C, 1, key -> 2C + 2 float64
                 packed, group_name, site, "forward", call, x.shape,
-                single_value_check=few and single_value == "raise", shift=shift)
+                single_value_check=few and single_value == "raise", state=state)
         elif few and single_value == "raise" and moments.count == 1:
             raise single_value_error(1)
-        stats = _stats.merge_global_moments(packed, shift)
-    ident = stats.count == 1 if few and single_value == "identity" else None
-    return stats, ident
+    channels = x.size(1)
+    ident = None
+    if few and single_value == "identity":
+        ident = packed[2 * channels:2 * channels + 1] == 1
+    return packed, ident
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -473,13 +480,19 @@ class SyncBatchNormFunction(torch.autograd.Function):
         activation: Activation | None = ctx.activation
         if activation is None:  # saved is the input x
             x, dz = saved, dy
-            sums = local_grad_sums(dz, x, mean, inv_std)
+            centre, spread = mean, inv_std
         else:  # saved is the output y = f(z), z = w·x̂ + β
             dz = activation.grad_through(dy, saved)
             x = activation.inverse(saved)  # z, standing in for x below
-            shift = torch.zeros_like(mean) if bias is None else bias.to(mean.dtype)
+            centre = torch.zeros_like(mean) if bias is None else bias.to(mean.dtype)
             scale = torch.ones_like(mean) if weight is None else weight.to(mean.dtype)
-            sums = local_grad_sums(dz, x, shift, scale.reciprocal())  # Σdz·(z − β)/w = Σdz·x̂
+            spread = scale.reciprocal()  # Σdz·(z − β)/w = Σdz·x̂
+        if mask is not None:
+            # a masked-out position whose gradient is 0 adds 0·x̂ = 0, even where its value
+            # is garbage (inf·0 would be NaN): it stands at x̂ = 0 in the sums
+            keep = mask.unsqueeze(1) | (dz != 0)
+            x = torch.where(keep, x, _stats.channel_view(centre.to(x.dtype), x.dim()))
+        sums = local_grad_sums(dz, x, centre, spread)
         grad_weight = grad_bias = grad_input = None
         if need_weight:
             grad_weight = _unit_where(ident, sums.sum_dy_xhat, 0.0).to(ctx.weight_dtype)

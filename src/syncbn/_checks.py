@@ -15,6 +15,10 @@ MIN_NDIM = 2
 MAX_NDIM = 5
 MAX_TIMEOUT_S = 1e7
 """The longest timeout accepted (~116 days): ``timedelta`` and gloo overflow far above it."""
+MIN_TIMEOUT_S = 1e-3
+"""The shortest timeout accepted: 1 ms. c10d takes a ``timedelta`` (whole microseconds) and
+gloo counts whole milliseconds; a shorter timeout rounds to zero, which c10d reads as *no*
+timeout (measured: ``timeout=1e-7`` waited out a 4 s straggler without an error)."""
 
 
 def check_tensor(value: object, what: str = "input") -> Tensor:
@@ -148,7 +152,8 @@ def check_train_eps(eps: float) -> None:
 
 
 def check_timeout(timeout: object) -> None:
-    """A collective timeout: a positive, finite number of seconds, or ``None`` (the group's own)."""
+    """A collective timeout: seconds in [:data:`MIN_TIMEOUT_S`, :data:`MAX_TIMEOUT_S`], or
+    ``None`` (the group's own)."""
     if timeout is None:
         return
     value = _real_number(timeout)
@@ -157,11 +162,20 @@ def check_timeout(timeout: object) -> None:
             f"SyncBatchNorm expected timeout to be a number of seconds or None (the group's "
             f"own timeout), got {timeout!r}; pass e.g. timeout=30"
         )
-    if not 0 < value <= MAX_TIMEOUT_S:
+    if not MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S:  # `not <=`: NaN too
         raise ValueError(
-            f"SyncBatchNorm expected 0 < timeout <= {MAX_TIMEOUT_S:g} seconds, got {timeout}; "
-            "pass e.g. timeout=30, or None for the group's own timeout"
+            f"SyncBatchNorm expected {MIN_TIMEOUT_S:g} <= timeout <= {MAX_TIMEOUT_S:g} seconds, "
+            f"got {timeout}{timeout_hint(value)}; pass e.g. timeout=30, or None for the "
+            "group's own timeout"
         )
+
+
+def timeout_hint(seconds: float) -> str:
+    """Why a positive timeout below :data:`MIN_TIMEOUT_S` is refused (empty otherwise)."""
+    if 0 < seconds < MIN_TIMEOUT_S:
+        return (" (collective timeouts count whole milliseconds: a shorter one rounds to "
+                "zero, which torch.distributed reads as no timeout at all)")
+    return ""
 
 
 def check_mask(input: Tensor, mask: object) -> None:

@@ -37,7 +37,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._checks import MAX_TIMEOUT_S
+from . import _policy
+from ._checks import MAX_TIMEOUT_S, MIN_TIMEOUT_S, timeout_hint
 
 ProcessGroup = Any
 """``torch.distributed.ProcessGroup`` (kept ``Any``: its stubs differ between torch releases)."""
@@ -67,12 +68,14 @@ def resolve_group(process_group: ProcessGroup | None,
             f"{who} got a process_group, but this build of torch has no "
             "torch.distributed; pass process_group=None to normalize locally"
         )
-    if isinstance(process_group, int) and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+    if is_non_member(process_group):
+        where = (f"global rank {dist.get_rank()}" if dist.is_initialized()
+                 else "no process group is initialized")
         raise ValueError(
-            f"{who}'s process_group does not include this rank "
-            f"(global rank {dist.get_rank()}): torch.distributed.new_group() returns "
-            "a placeholder on ranks outside the group; give each rank the group it "
-            "belongs to"
+            f"{who}'s process_group does not include this rank ({where}): "
+            "torch.distributed.new_group() returns a placeholder on ranks outside the "
+            "group, where the layer can only evaluate (eval mode); train it on the "
+            "group's ranks, or give each rank the group it belongs to"
         )
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
@@ -97,12 +100,45 @@ def resolve_group(process_group: ProcessGroup | None,
     return process_group
 
 
-def check_group_arg(process_group: object) -> None:
-    """At construction: ``None`` or a ProcessGroup (it may be initialized later).
+def is_non_member(process_group: object) -> bool:
+    """Whether ``process_group`` is the placeholder ``torch.distributed.new_group()`` returns
+    on a rank outside the new group (``GroupMember.NON_GROUP_MEMBER``)."""
+    return (dist.is_available() and isinstance(process_group, int)
+            and not isinstance(process_group, bool)
+            and process_group == dist.GroupMember.NON_GROUP_MEMBER)
 
-    Anything else raises the error :func:`resolve_group` gives for it.
+
+def default_group() -> ProcessGroup | None:
+    """The default (world) group, or ``None`` when none is initialized (cheap: no lookup of
+    ranks)."""
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def registered(process_group: ProcessGroup | None) -> bool:
+    """Whether a group (``None``: nothing to look up) is still registered with
+    torch.distributed: a dict lookup, cheap enough for every step."""
+    if process_group is None:
+        return True
+    try:
+        from torch.distributed import distributed_c10d
+
+        return process_group in distributed_c10d._world.pg_names
+    except (AttributeError, TypeError):  # another torch: resolve_group checks it instead
+        return False
+
+
+def check_group_arg(process_group: object) -> None:
+    """At construction or conversion: ``None``, a ProcessGroup (it may be initialized
+    later), or the placeholder of a rank outside the group (:func:`is_non_member`).
+
+    The placeholder is accepted as torch accepts it: every rank can build the same
+    model with ``new_group(ranks)``'s result, and a layer holding it evaluates with
+    its running statistics; only a synchronized training forward refuses it
+    (:func:`resolve_group`). Anything else raises the error :func:`resolve_group`
+    gives for it.
     """
-    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+    if (process_group is not None and not isinstance(process_group, dist.ProcessGroup)
+            and not is_non_member(process_group)):
         resolve_group(process_group)
 
 
@@ -119,14 +155,23 @@ class SyncBatchNormError(RuntimeError):
 
 
 DEBUG_ENV = "SYNCBN_DEBUG"
-"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`)."""
+"""Set to 1 to exchange a fingerprint before every collective (see :func:`check_fingerprint`).
+
+Read (:func:`env_debug`) at every eager training forward of a layer without ``debug=``;
+under ``torch.compile``, when the layer is traced: a later change is ignored until
+``torch._dynamo.reset()`` (or a new ``torch.compile``) and a new trace."""
 TIMEOUT_ENV = "SYNCBN_TIMEOUT"
-"""Seconds a rank waits for one collective of a layer (default: the group's own timeout)."""
+"""Seconds a rank waits for one collective of a layer (default: the group's own timeout).
+
+Read (:func:`env_timeout`) as :data:`DEBUG_ENV` is: under ``torch.compile``, when the
+layer is traced."""
 WORLD_ENV = "WORLD_SIZE"
 """Set by torchrun and other launchers to the number of ranks of the job."""
 
 _DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-PHASES = ("forward", "backward")
+PHASES = ("forward", "backward", "shift")
+"""A layer's collectives: the forward moments, the backward sums, and the shift exchange
+of a layer with no shared reference point yet (see ``_stats.shift_policy``)."""
 
 
 @dataclass(frozen=True)
@@ -159,16 +204,44 @@ def layer_label(layer: str) -> str:
     return layer if layer.endswith(")") and "(" in layer else f"SyncBatchNorm '{layer}'"
 
 
+_DEBUG_ON = ("1", "true", "yes", "on")
+_DEBUG_OFF = ("", "0", "false", "no", "off")
+
+
 def env_debug() -> bool:
-    """Whether :data:`DEBUG_ENV` asks for debug checks."""
-    return os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether :data:`DEBUG_ENV` asks for debug checks (unset or empty: no).
+
+    Read when a layer's collectives are described: every eager training step, or
+    once when ``torch.compile`` traces the layer (changing it then needs
+    ``torch._dynamo.reset()`` or a new ``torch.compile``).
+
+    Raises:
+        ValueError: it is set to a value that is neither on nor off (e.g. ``2``,
+            ``debug``); the message lists the accepted ones.
+    """
+    text = os.environ.get(DEBUG_ENV, "")
+    value = text.strip().lower()
+    if value in _DEBUG_ON:
+        return True
+    if value in _DEBUG_OFF:
+        return False
+    raise ValueError(
+        f"{DEBUG_ENV} must be one of {', '.join(_DEBUG_ON)} (debug checks on) or "
+        f"{', '.join(v for v in _DEBUG_OFF if v)} or empty (off), in any letter case, got "
+        f"{text!r}; set {DEBUG_ENV}=1, or unset it"
+    )
 
 
 def env_timeout() -> float | None:
     """The timeout from :data:`TIMEOUT_ENV`, or ``None`` when unset.
 
+    Read like :data:`DEBUG_ENV` (see :func:`env_debug`): every eager training
+    step, or once when ``torch.compile`` traces the layer.
+
     Raises:
-        ValueError: it is set but not a positive number of seconds (see :func:`parse_timeout`).
+        ValueError: it is set but not a number of seconds from
+            :data:`~syncbn._checks.MIN_TIMEOUT_S` (1 ms, the resolution of collective
+            timeouts) to :data:`~syncbn._checks.MAX_TIMEOUT_S`.
     """
     text = os.environ.get(TIMEOUT_ENV, "").strip()
     if not text:
@@ -177,10 +250,11 @@ def env_timeout() -> float | None:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not (0 < value <= MAX_TIMEOUT_S):
+    if not (MIN_TIMEOUT_S <= value <= MAX_TIMEOUT_S):  # `not <=`: NaN too
         raise ValueError(
-            f"{TIMEOUT_ENV} must be a positive number of seconds up to {MAX_TIMEOUT_S:g}, "
-            f"got {text!r}"
+            f"{TIMEOUT_ENV} must be a number of seconds from {MIN_TIMEOUT_S:g} to "
+            f"{MAX_TIMEOUT_S:g}, got {text!r}{timeout_hint(value)}; set e.g. "
+            f"{TIMEOUT_ENV}=60, or unset it for the group's own timeout"
         )
     return value
 
@@ -223,13 +297,24 @@ STEP_KEY_BITS = 20
 """Every buffer carries one extra value, a key < 2**20 of (layer, phase, C)."""
 
 
-def step_key(layer: str, phase: str, channels: int) -> int:
+def step_key(layer: str, phase: str, channels: int, eps: float = 0.0, decay: float = 0.0) -> int:
     """A number every rank computes alike at the same layer and phase: ``1 ≤ key ≤ 2**20``.
 
-    It does not depend on how often the layer ran before, so ranks restored
+    It folds in the settings that change a layer's results (``eps`` and the EMA
+    keep-rate ``decay``), so ranks whose layers differ in them are out of step
+    too. It does not depend on how often the layer ran before, so ranks restored
     differently (one unpickled, one ``load_state_dict``) still agree.
     """
-    return zlib.crc32(f"{layer}#{phase}#{channels}".encode()) % (1 << STEP_KEY_BITS) + 1
+    text = f"{layer}#{phase}#{channels}#{float(eps)!r}#{float(decay)!r}"
+    return zlib.crc32(text.encode()) % (1 << STEP_KEY_BITS) + 1
+
+
+def fold_state(key: int, running_mean: Tensor | None) -> int:
+    """``key`` with a CRC of the running mean folded in (CPU tensors: no kernel, no copy),
+    so that ranks whose running statistics differ are out of step as well."""
+    if running_mean is None or not _policy.host_reads(running_mean.device):
+        return key
+    return (key + zlib.crc32(_policy.host_bytes(running_mean))) % (1 << STEP_KEY_BITS) + 1
 
 
 _broken_groups: list[ProcessGroup] = []
@@ -268,20 +353,25 @@ def _keep_until_exit(process_group: ProcessGroup) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(process_group))
 
 
-def _wait(work: Any, timeout_s: float | None) -> None:
-    if timeout_s is None:
+def _wait(work: Any, timeout_s: float | None, reads: bool = True) -> None:
+    """Wait for ``work``: at most ``timeout_s`` where host reads are allowed (CPU), else
+    plain ``wait()``, which only orders the streams on an accelerator (``wait(timeout)``
+    would poll the device from the host until the collective ends); the group's own
+    timeout and watchdog bound it there (see ``_policy``)."""
+    if timeout_s is None or not reads:
         work.wait()
     else:
         work.wait(timedelta(seconds=timeout_s))
 
 
 def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite, phase: str,
-                    call: object, shape: tuple[int, ...]) -> None:
+                    call: object, shape: tuple[int, ...], reads: bool = True,
+                    note: str = "") -> None:
     """Sum over the group in place, waiting at most ``site.timeout_s``; failures name the layer."""
     start = time.monotonic()
     try:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
-        _wait(work, site.timeout_s)
+        _wait(work, site.timeout_s, reads)
     except RuntimeError as error:
         elapsed = time.monotonic() - start
         if site.timeout_s is not None and elapsed >= 0.9 * site.timeout_s:
@@ -291,7 +381,7 @@ def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
         left = _abort(process_group)
         raise SyncBatchNormError(
             f"{site.describe(phase, call, shape)}: the all_reduce over "
-            f"{group_size(process_group)} ranks {what} ({str(error).strip()[:300]}); "
+            f"{group_size(process_group)} ranks {what} ({str(error).strip()[:300]}){note}; "
             f"{_hint(site.debug)}; {left}"
         ) from error
 
@@ -300,7 +390,7 @@ def _fingerprint(site: CallSite, phase: str) -> list[float]:
     layer_key = zlib.crc32(site.layer.encode())
     dtype_code = _DTYPE_CODES.index(site.dtype) if site.dtype in _DTYPE_CODES else -1
     return [float(layer_key), float(site.channels), float(dtype_code),
-            float(phase == "backward"), site.eps, site.decay]
+            float(PHASES.index(phase)), site.eps, site.decay]
 
 
 _FIELDS = ("layer", "channels", "dtype", "phase", "eps", "momentum")
@@ -369,76 +459,213 @@ def set_join_observer(group_name: str, observer: JoinObserver | None) -> None:
         _join_observers[group_name] = observer
 
 
-def new_group_like(process_group: ProcessGroup) -> ProcessGroup:
-    """A new group of the same ranks and backend (every rank of the world must call it)."""
-    ranks = dist.get_process_group_ranks(process_group)
-    return dist.new_group(ranks=ranks, backend=backend_name(process_group))
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank in the default group and the number of ranks of the job."""
+    return int(dist.get_rank()), int(dist.get_world_size())
+
+
+def group_ranks(process_group: ProcessGroup) -> list[int]:
+    """The global ranks of a group, in group-rank order."""
+    return [int(r) for r in dist.get_process_group_ranks(process_group)]
+
+
+def group_timeout(process_group: ProcessGroup) -> timedelta | None:
+    """The group's own collective timeout, where this torch tells it (else ``None``)."""
+    try:
+        device = torch.device("cuda") if backend_name(process_group) == "nccl" \
+            else torch.device("cpu")
+        timeout = process_group._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+    return timeout if isinstance(timeout, timedelta) else None
+
+
+def exchange_rows(row: list[int], timeout_s: float | None) -> list[list[int]]:
+    """Every rank's ``row`` (ints, one length everywhere), all-gathered over the default group.
+
+    Every rank of the job must call it. Waits at most ``timeout_s`` (``None``:
+    the group's own timeout); a rank that does not come makes it raise
+    :class:`SyncBatchNormError` (the default group is then aborted: it cannot be
+    used again).
+    """
+    world = dist.group.WORLD
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if backend_name(world) == "nccl" else torch.device("cpu")
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    start = time.monotonic()
+    try:
+        _wait(dist.all_gather(table, mine, async_op=True), timeout_s)
+    except RuntimeError as error:
+        left = _abort(world)
+        raise SyncBatchNormError(
+            f"syncbn.join: every rank of the job must enter syncbn.join together (it creates "
+            f"process groups), but the exchange over the {dist.get_world_size()} ranks failed "
+            f"after {time.monotonic() - start:.2f} s ({str(error).strip()[:300]}); {left}"
+        ) from error
+    return [[int(v) for v in t.tolist()] for t in table]
+
+
+def new_group_of(ranks: list[int], backend: str | None,
+                 timeout: timedelta | None) -> ProcessGroup:
+    """``dist.new_group(ranks)``: every rank of the job must call it, with the same ranks,
+    in the same order as the others (torch's rule); ranks outside get a placeholder."""
+    return dist.new_group(ranks=ranks, backend=backend, timeout=timeout)
+
+
+def host_backend(backend: str | None) -> str | None:
+    """The backend for small host-side messages: gloo (CPU tensors) where it is built in."""
+    return "gloo" if dist.is_gloo_available() else backend
 
 
 def destroy_group(process_group: ProcessGroup) -> None:
-    """Destroy a group made by :func:`new_group_like`."""
+    """Destroy a group made by :func:`new_group_of` (only one with no pending work)."""
     dist.destroy_process_group(process_group)
 
 
-def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device,
-                  timeout_s: float) -> None:
+def abort_group(process_group: ProcessGroup) -> None:
+    """Abort a group whose work may be pending and never destroy it (see :func:`_abort`)."""
+    _abort(process_group)
+
+
+def keep_group(process_group: ProcessGroup) -> None:
+    """Never destroy a group that may hold pending work (its destructor would wait for it)."""
+    if not any(g is process_group for g in _broken_groups):
+        _broken_groups.append(process_group)
+        _keep_until_exit(process_group)
+
+
+def post_sum(tensor: Tensor, process_group: ProcessGroup) -> Any:
+    """Start a sum all-reduce of ``tensor`` in place over the group; its work handle."""
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
+
+
+def wait_work(work: Any, timeout_s: float | None) -> None:
+    """Wait for a work handle, at most ``timeout_s`` (``None``: the group's own timeout).
+
+    Raises:
+        RuntimeError: the collective failed or timed out (torch's error).
+    """
+    _wait(work, timeout_s)
+
+
+def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device) -> None:
     """Take part in a peer's pending collective of ``numel`` float64 with step key 0.
 
     Keys are at least 1, so the peer's out-of-step check fails at once instead of
-    waiting for a partner that will not come. Failures are ignored (best effort).
+    waiting for a partner that will not come. Nothing waits for it (a peer may
+    never come): the group must not be used again, and is never destroyed.
     """
     buffer = torch.zeros(numel, dtype=torch.float64, device=device)
-    with contextlib.suppress(RuntimeError):
-        _wait(dist.all_reduce(buffer, group=process_group, async_op=True), timeout_s)
+    with contextlib.suppress(RuntimeError):  # best effort: an aborted group refuses at once
+        dist.all_reduce(buffer, group=process_group, async_op=True)
+    keep_group(process_group)
+
+
+_agreed: set[tuple[str, int]] = set()
+"""Groups whose ranks have compared their debug mode (see :func:`agree_on_mode`)."""
+
+
+def agree_on_mode(process_group: ProcessGroup, group_name: str, site: CallSite, phase: str,
+                  device: torch.device, call: object, shape: tuple[int, ...]) -> None:
+    """Once per group and process, before its first SyncBatchNorm collective: every rank
+    adds ``[debug on here, 1]`` (2 float64) and reads the sum.
+
+    Debug mode exchanges a fingerprint before each collective, so a rank in debug mode
+    (``SYNCBN_DEBUG`` set on one node, or ``debug=True`` on one rank's layer) paired with
+    ranks that are not would wait for a partner that never comes; here every rank
+    raises instead, at once, naming how many ranks are in debug mode. One host read,
+    once (accelerators included). Its errors describe the collective it precedes.
+
+    Raises:
+        SyncBatchNormError: some ranks are in debug mode and others are not.
+    """
+    flags = torch.tensor([1.0 if site.debug else 0.0, 1.0], dtype=torch.float64, device=device)
+    _all_reduce_sum(flags, process_group, site, phase, call, shape,
+                    note=" (the debug-mode check, once per group before its first collective)")
+    debug_ranks, size = flags.tolist()
+    _agreed.add((group_name, id(process_group)))
+    if debug_ranks not in (0.0, size):
+        raise SyncBatchNormError(
+            f"{site.describe(phase, call, shape)}: debug mode is on for "
+            f"{debug_ranks:.0f} of {size:.0f} ranks (this rank: "
+            f"{'on' if site.debug else 'off'}); in debug mode every collective is preceded "
+            f"by a fingerprint exchange, so every rank must agree: set {DEBUG_ENV} (or the "
+            "layers' debug=) alike on every rank"
+        )
+
+
+def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str, call: int,
+                    shape: tuple[int, ...] | list[int] | torch.Size, key: int,
+                    single_value_check: bool = False) -> tuple[float, float] | None:
+    """Sum ``buffer`` (float64, ``[…, count, key]``, the key already written) over the group
+    in place: the one collective of the core, in eager code.
+
+    Where host reads are allowed (``_policy.host_reads``: CPU) the two tail values
+    are read back (``tolist``: no kernel) and returned as ``(global count, key
+    sum)``; the key sum must be ``W·key`` (every rank at the same layer, phase and
+    settings), else the ranks are out of step. On accelerators nothing is read
+    (``None`` is returned) except in debug mode, whose fingerprint exchange comes
+    first, and for ``single_value_check`` (a rank whose own count is ≤ 1): torch's
+    error when the global count is 1.
+
+    Raises:
+        SyncBatchNormError: the collective failed, timed out (the group is then
+            aborted, so the process can exit), or the ranks were out of step.
+        ValueError: torch's text, a global count of 1 with ``single_value_check``.
+    """
+    observer = _join_observers.get(group_name)
+    if observer is not None:  # under syncbn.join: recorded, checked, run on the join's group
+        group_name = observer.before(buffer, site.layer, phase, site.channels,
+                                     str(site.dtype).replace("torch.", ""), list(shape), call)
+    process_group = _group_by_name(group_name)
+    shown: object = call if call >= 0 else "?"
+    shape_t = tuple(shape)
+    if (group_name, id(process_group)) not in _agreed:
+        agree_on_mode(process_group, group_name, site, phase, buffer.device, shown, shape_t)
+    if site.debug:
+        check_fingerprint(site, phase, process_group, buffer.device, shown, shape_t)
+    reads = _policy.host_reads(buffer.device)
+    _all_reduce_sum(buffer, process_group, site, phase, shown, shape_t, reads)
+    if not (reads or site.debug or single_value_check):
+        return None
+    count, total = buffer[-2:].tolist()
+    if reads or site.debug:
+        size = process_group.size()
+        if total != size * key:
+            raise SyncBatchNormError(
+                f"{site.describe(phase, shown, shape_t)}: the ranks are out of step: this "
+                f"rank's all_reduce was paired with another layer or phase on some rank, or "
+                f"the ranks' settings (eps, momentum) or running statistics differ (step keys "
+                f"sum to {total:.0f}, not {size}×{key}), so its values are wrong; "
+                f"{_hint(site.debug)}"
+            )
+    if single_value_check and count == 1:
+        raise single_value_error(1)
+    return count, total
 
 
 @torch.library.custom_op("syncbn::all_reduce", mutates_args=())
 def _all_reduce_op(
-    buffer: Tensor, shift: Tensor | None, call_count: int, group_name: str, layer: str,
+    buffer: Tensor, call_count: int, group_name: str, layer: str,
     phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
     eps: float, decay: float, single_value_check: bool,
 ) -> Tensor:
-    """The one collective of the core, opaque to torch.compile (see :func:`all_reduce_checked`)."""
-    observer = _join_observers.get(group_name)
-    if observer is not None:  # under syncbn.join: recorded, checked, run on the join's group
-        group_name = observer.before(buffer, layer, phase, channels, dtype, shape, call_count)
-    process_group = _group_by_name(group_name)
+    """The collective in compiled code, opaque to torch.compile (see :func:`all_reduce_checked`)."""
     site = CallSite(layer, channels, getattr(torch, dtype), None if timeout_s <= 0 else timeout_s,
                     debug, eps, decay)
-    call: object = call_count if call_count >= 0 else "?"
-    shape_t = tuple(shape)
-    if debug:
-        check_fingerprint(site, phase, process_group, buffer.device, call, shape_t)
-    checked = buffer.device.type == "cpu" or debug
-    key = step_key(layer, phase, channels)
-    if checked and shift is not None:  # ranks whose shifts differ are out of step too
-        key = (key + zlib.crc32(shift.detach().cpu().numpy().tobytes())) % (1 << STEP_KEY_BITS) + 1
+    key = step_key(layer, phase, channels, eps, decay)
     out = buffer.clone()
     out[-1] = float(key)
-    _all_reduce_sum(out, process_group, site, phase, call, shape_t)
-    if checked:
-        size = group_size(process_group)
-        total = int(out[-1].item())
-        if total != size * key:
-            raise SyncBatchNormError(
-                f"{site.describe(phase, call, shape_t)}: the ranks are out of step: this "
-                f"rank's all_reduce was paired with another layer or phase on some rank, or "
-                f"the ranks' running statistics differ (step keys sum to {total}, not "
-                f"{size}×{key}), so its values are wrong; "
-                f"{_hint(debug)}"
-            )
-    if single_value_check and int(out[-2].item()) == 1:
-        raise single_value_error(1)
+    reduce_checked_(out, group_name, site, phase, call_count, shape, key, single_value_check)
     return out
 
 
 @_all_reduce_op.register_fake
-def _(buffer: Tensor, shift: Tensor | None, call_count: int, group_name: str, layer: str,
+def _(buffer: Tensor, call_count: int, group_name: str, layer: str,
       phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
       eps: float, decay: float, single_value_check: bool) -> Tensor:
     return torch.empty_like(buffer)
-
-
 
 
 # A collective is a side effect: compiled code must run it on every rank even where its
@@ -458,40 +685,36 @@ def single_value_error(count: int) -> ValueError:
 
 def all_reduce_checked(buffer: Tensor, group_name: str, site: CallSite, phase: str,
                        call: int, shape: tuple[int, ...] | list[int] | torch.Size,
-                       single_value_check: bool = False, shift: Tensor | None = None) -> Tensor:
-    """Sum ``buffer`` (float64, last value a free slot for the step key) over the group.
+                       single_value_check: bool = False, key: int | None = None,
+                       state: Tensor | None = None) -> Tensor:
+    """Sum ``buffer`` (float64, ``2C + 2`` values, the last a free slot for the step key)
+    over the group and return the sum as a new tensor.
 
-    Both directions send buffers of one size, ``2C + 2``: the forward
-    ``[Σ(x − s), Σ(x − s)², count, key]``, the backward ``[Σdy, Σdy·x̂, 0, key]``.
-    The key (:func:`step_key` of layer, phase and C) is written into the last
-    slot; if every rank is at the same layer and phase the keys sum to ``W·key``,
-    otherwise buffers of different layers or directions were paired and the sums
-    are garbage. On CPU every rank checks this (reading the sum costs nothing) and
-    raises at once; on accelerators reading it would stall the stream, so the
-    check runs in debug mode only (whose fingerprint exchange names the ranks).
-    The forward's key also folds in the ``shift`` the moments were taken about
-    (see ``_stats.pack_local_moments``), so ranks whose running statistics differ
-    are caught the same way. With ``single_value_check`` (a rank whose own count
-    is ≤ 1) the global count (``buffer[-2]``) is read, and torch's error raised
-    when it is 1. ``group_name`` is the group's ``group_name`` (a string travels
-    through a compiled graph; the group itself is looked up inside the op);
-    ``call`` (the layer's earlier forwards, −1 unknown) only names the call in messages.
-
-    The collective is the custom op ``syncbn::all_reduce``: it returns a new
-    tensor (the input is not changed), so ``torch.compile`` keeps it whole, with
-    no graph break, and never drops it (its result is always used).
-
-    Raises:
-        SyncBatchNormError: the collective failed, timed out (the group is then
-            aborted, so the process can exit), or the ranks were out of step.
-        ValueError: torch's text, a global count of 1 with ``single_value_check``.
+    Every direction sends buffers of one size, ``2C + 2``: the forward
+    ``[Σ(x − s), Σ(x − s)², count, key]``, the backward ``[Σdy, Σdy·x̂, 0, key]``
+    and the shift exchange ``[Σx, 0, count, key]``. The key (:func:`step_key`) is
+    written into the last slot and checked as :func:`reduce_checked_` says.
+    Compiled and traced code calls the custom op ``syncbn::all_reduce`` (it
+    returns a new tensor, so ``torch.compile`` keeps it whole, with no graph
+    break, and never drops it); eager code runs the same steps directly.
+    ``group_name`` is the group's ``group_name`` (a string travels through a
+    compiled graph; the group itself is looked up inside the op). ``key`` overrides the
+    step key in eager code; ``state`` (the running mean, forward phase) is folded into it
+    (:func:`fold_state`).
     """
-    out: Tensor = _all_reduce_op(
-        buffer, shift, call, group_name, site.layer, phase, site.channels,
-        str(site.dtype).replace("torch.", ""), list(shape),
-        -1.0 if site.timeout_s is None else site.timeout_s, site.debug, site.eps, site.decay,
-        single_value_check,
-    )
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        out: Tensor = _all_reduce_op(
+            buffer, call, group_name, site.layer, phase, site.channels,
+            str(site.dtype).replace("torch.", ""), list(shape),
+            -1.0 if site.timeout_s is None else site.timeout_s, site.debug, site.eps,
+            site.decay, single_value_check,
+        )
+        return out
+    if key is None:
+        key = fold_state(step_key(site.layer, phase, site.channels, site.eps, site.decay), state)
+    out = buffer.clone()
+    out[-1] = float(key)
+    reduce_checked_(out, group_name, site, phase, call, shape, key, single_value_check)
     return out
 
 

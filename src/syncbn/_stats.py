@@ -112,22 +112,21 @@ def local_moments(x: Tensor, mask: Tensor | None = None) -> LocalMoments:
     total = x.sum(dims, dtype=dtype)
     centre = total / max(count, 1)
     deviation = x - channel_view(centre, x.dim())
-    residual = deviation.sum(dims) if dtype == torch.float64 else None
+    residual = deviation.sum(dims)  # measured: the rounding of c costs nothing
     m2 = deviation.square_().sum(dims)
     return LocalMoments(count, total, centre, m2, residual)
 
 
 def _masked_moments(x: Tensor, mask: Tensor, dtype: torch.dtype) -> LocalMoments:
-    m = mask.unsqueeze(1).to(x.dtype)  # (N, 1, …): 0/1, exact in every float dtype
+    """Selected, not multiplied: a NaN or inf at a masked-out position never reaches the sums
+    (``NaN·0`` is NaN)."""
+    valid = mask.unsqueeze(1)  # (N, 1, …)
     dims = reduce_dims(x.dim())
     count = mask.sum(dtype=torch.float64)
-    xm = x * m
-    total = xm.sum(dims, dtype=dtype)
+    total = torch.where(valid, x, 0).sum(dims, dtype=dtype)
     centre = total / count.clamp_min(1.0).to(dtype)
-    if xm.dtype != dtype:  # 16-bit: the deviations in float32
-        xm, m = xm.to(dtype), m.to(dtype)
-    deviation = torch.addcmul(xm, m, channel_view(centre, x.dim()), value=-1.0)  # (x − c)·m
-    residual = deviation.sum(dims) if dtype == torch.float64 else None
+    deviation = torch.where(valid, x.to(dtype) - channel_view(centre, x.dim()), 0)
+    residual = deviation.sum(dims)
     m2 = deviation.square_().sum(dims)
     return LocalMoments(count, total, centre, m2, residual)
 

@@ -11,13 +11,28 @@ the first rule that applies:
 1. a registered conversion for its exact class (:func:`register_conversion`;
    built in, when timm is importable: timm's ``BatchNormAct2d`` and
    ``SyncBatchNormAct``, see :mod:`syncbn.integrations.timm`);
-2. ``torch.nn.SyncBatchNorm`` and any ``_BatchNorm`` subclass that runs the stock
-   forward (BatchNorm1d/2d/3d, Lightning's and mmengine's ``_BatchNormXd``, a
+2. ``torch.nn.SyncBatchNorm`` and any ``_BatchNorm`` subclass that behaves as the
+   stock classes (BatchNorm1d/2d/3d, Lightning's and mmengine's ``_BatchNormXd``, a
    subclass that only changes ``__init__``): a plain :class:`SyncBatchNorm`;
-3. any other ``_BatchNorm`` subclass (its own ``forward``, extra parameters or
-   buffers, a parametrization): ``ValueError`` naming the path, the class and the
-   fix. The whole tree is checked (and every new layer built) before the first
-   layer is replaced, so a call that raises leaves the model untouched.
+3. any other ``_BatchNorm`` subclass: ``ValueError`` naming the path, the class and
+   the fix. "Other" is: its own ``forward``; any other method, property or
+   descriptor that replaces one of the stock classes' (``train``, ``eval``,
+   ``_load_from_state_dict``, ``reset_parameters``, ``__call__``, ``__setattr__``,
+   … — :func:`overridden_methods`), except the harmless :data:`ALLOWED_OVERRIDES`
+   (``__init__``, ``extra_repr``, ``__repr__``, ``__str__``, ``_check_input_dim``);
+   such a method replaced on the instance; extra parameters or buffers; a
+   parametrization. Methods a subclass only *adds* are not counted: no stock code
+   calls them, so a converted layer that lacks them fails loudly if anything does.
+4. a BatchNorm inside TorchScript code (``torch.jit.script``, ``trace`` or ``load``;
+   recognized by its class name) cannot be replaced: compiled code keeps its layer.
+   In training mode it would normalize with this rank's batch only, so it is
+   refused (``ValueError``); in eval mode it computes what a SyncBatchNorm would
+   (the running statistics), so it is left as it is with a ``RuntimeWarning``
+   naming its path (refusing it would break models that hold a frozen, loaded
+   TorchScript part, e.g. a distillation teacher).
+
+The whole tree is checked (and every new layer built) before the first layer is
+replaced, so a call that raises leaves the model untouched.
 
 Built-in rules for third-party libraries are registered lazily: ``import syncbn``
 never imports them. When the converter meets a ``_BatchNorm`` subclass without a
@@ -28,11 +43,16 @@ importable then: the model's class came from it), and looks again.
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable
+import inspect
+import types
+import warnings
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.lazy import LazyModuleMixin
@@ -42,7 +62,9 @@ from . import _comm
 from .modules import SyncBatchNorm
 
 __all__ = [
+    "ALLOWED_OVERRIDES",
     "convert_sync_batchnorm",
+    "overridden_methods",
     "plain_layer_like",
     "register_conversion",
     "revert_sync_batchnorm",
@@ -63,6 +85,21 @@ _BY_NDIM: dict[int, type[_BatchNorm]] = {
 _STOCK_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 _PARAMETERS = {"weight", "bias"}
 _BUFFERS = {"running_mean", "running_var", "num_batches_tracked"}
+_STOCK_CLASSES = (nn.SyncBatchNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
+                  *_BatchNorm.__mro__)
+"""What a converted layer behaves as: torch's BatchNorm classes, nn.Module and object."""
+_ALLOWED_SHOWN = ("__init__", "extra_repr", "__repr__", "__str__", "_check_input_dim")
+ALLOWED_OVERRIDES = frozenset({*_ALLOWED_SHOWN, "__init_subclass__", "__subclasshook__"})
+"""Methods a ``_BatchNorm`` subclass may define and still be converted.
+
+``__init__`` only builds the layer (the converter copies what it built);
+``extra_repr``/``__repr__``/``__str__`` only describe it; ``_check_input_dim``
+only accepts or rejects an input rank, never changes a number (the converted
+layer takes every rank 2–5, as it does for BatchNorm1d/2d/3d, whose checks it also
+drops); ``__init_subclass__``/``__subclasshook__`` act on classes, not layers.
+Anything else that replaces a stock method is refused (see the module docstring).
+"""
+_ALLOWED_TEXT = f"{', '.join(_ALLOWED_SHOWN[:-1])} and {_ALLOWED_SHOWN[-1]}"
 _HOOK_DICTS = tuple(name for name in vars(nn.Module()) if "hook" in name)
 """nn.Module's per-instance hook registries; they move with the tensors."""
 _INTEGRATIONS = {"timm": "syncbn.integrations.timm"}
@@ -131,6 +168,75 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+# --- which subclasses behave as the stock classes ------------------------------------------
+
+
+def _is_behaviour(value: object) -> bool:
+    """A method, property or other descriptor (what a class attribute *does*), not data.
+
+    ``__dict__``/``__weakref__``/``__slots__`` entries (getset and member descriptors)
+    are the object's storage, not behaviour.
+    """
+    if isinstance(value, (types.GetSetDescriptorType, types.MemberDescriptorType)):
+        return False
+    return callable(value) or hasattr(type(value), "__get__")
+
+
+def _defining(cls: type, name: str, among: Collection[type]) -> tuple[type, object] | None:
+    """The first class of ``among``, in ``cls``'s MRO order, that defines ``name``; its value."""
+    for klass in cls.__mro__:
+        if klass in among and name in vars(klass):
+            return klass, vars(klass)[name]
+    return None
+
+
+@functools.cache
+def _stock_names(stock: tuple[type, ...], state: frozenset[str]) -> frozenset[str]:
+    """Every attribute the stock classes define or annotate, plus ``state`` (instance names)."""
+    names = set(state)
+    for klass in stock:
+        names.update(vars(klass))
+        names.update(inspect.get_annotations(klass))  # not evaluated: only the names
+    return frozenset(names)
+
+
+def overridden_methods(cls: type, stock: Iterable[type], allowed: Collection[str],
+                       state: Collection[str] = ()) -> list[str]:
+    """The stock behaviour ``cls`` replaces, as sorted attribute names.
+
+    A name counts when ``getattr(cls, name)`` finds a method, property or other
+    descriptor in a class outside ``stock`` (a subclass or a mixin) that differs from
+    what the ``stock`` classes give for that name, and the ``stock`` classes define or
+    annotate it (or it is in ``state``, their instance attributes), unless it is in
+    ``allowed``. Names only the subclass has are not counted: stock code never
+    calls them. Both flavours' converters use this rule.
+    """
+    stock_tuple = tuple(stock)
+    names = _stock_names(stock_tuple, frozenset(state))
+    candidates = {n for klass in cls.__mro__ if klass not in stock_tuple for n in vars(klass)}
+    found = []
+    for name in sorted((candidates & names) - set(allowed)):
+        klass, value = _defining(cls, name, cls.__mro__) or (object, None)
+        if klass in stock_tuple or not _is_behaviour(value):
+            continue
+        original = _defining(cls, name, stock_tuple)
+        if original is None or original[1] is not value:
+            found.append(name)
+    return found
+
+
+def replaced_on_instance(layer: nn.Module, stock: Iterable[type]) -> list[str]:
+    """Sorted names of stock methods that ``layer`` holds its own callable for, on the
+    instance (``layer.train = ...``), which attribute lookup finds before the class's."""
+    stock_tuple = tuple(stock)
+    found = []
+    for name, value in vars(layer).items():
+        original = _defining(type(layer), name, stock_tuple)
+        if original is not None and _is_behaviour(original[1]) and callable(value):
+            found.append(name)
+    return sorted(found)
+
+
 def _move_state(source: nn.Module, target: nn.Module) -> None:
     """Give ``target`` the very parameter and buffer tensors of ``source``, its mode, qconfig
     and hooks."""
@@ -196,7 +302,10 @@ def convert_sync_batchnorm(
     take ``process_group`` when one is given. Each converted layer records its path
     in the tree (``"layer1.0.bn1"``) so errors can name it, and the class it
     replaced, which :func:`revert_sync_batchnorm` restores. A layer shared by
-    several parents stays one (shared) layer.
+    several parents stays one (shared) layer. As torch, it converts on every rank,
+    also on a rank outside ``process_group`` (where ``new_group`` returned a
+    placeholder): the layers there evaluate with their running statistics, and only
+    a synchronized training forward raises, naming the layer.
 
     Raises:
         TypeError: ``module`` is not an ``nn.Module``, ``process_group`` is not a
@@ -247,6 +356,9 @@ def _convert_one(layer: nn.Module, process_group: _comm.ProcessGroup | None,
     """The new layer for ``layer``, None to keep it; raises when it cannot be converted."""
     cls = type(layer)
     where = f"'{path or '<root>'}'"
+    if isinstance(layer, torch.jit.ScriptModule):
+        _check_scripted(layer, where)
+        return None
     if isinstance(layer, LazyModuleMixin) and isinstance(layer, _BatchNorm):
         raise ValueError(
             f"convert_sync_batchnorm got an uninitialized {cls.__name__} at {where}: its "
@@ -275,12 +387,19 @@ def _check_stock(layer: _BatchNorm, where: str) -> None:
     """A ``_BatchNorm`` without a rule converts only if a plain SyncBatchNorm computes the same."""
     cls = type(layer)
     params, buffers = set(layer._parameters), set(layer._buffers)
+    overridden = overridden_methods(cls, _STOCK_CLASSES, ALLOWED_OVERRIDES,
+                                    _PARAMETERS | _BUFFERS | {"process_group"})
+    replaced = replaced_on_instance(layer, _STOCK_CLASSES)
     if cls.forward not in _STOCK_FORWARDS:
         problem = "class has its own forward, which a SyncBatchNorm would not run"
-    elif "forward" in vars(layer):
-        problem = "layer's forward was replaced on the instance; a SyncBatchNorm would not run it"
     elif parametrize.is_parametrized(layer):
         problem = "layer is parametrized (torch.nn.utils.parametrize), which would be dropped"
+    elif overridden:
+        problem = (f"class overrides {', '.join(overridden)}, which a SyncBatchNorm would not "
+                   f"run (a subclass converts when it changes at most {_ALLOWED_TEXT})")
+    elif replaced:
+        problem = (f"layer's {', '.join(replaced)} {'was' if len(replaced) == 1 else 'were'} "
+                   "replaced on the instance; a SyncBatchNorm would not run it")
     elif params != _PARAMETERS or buffers != _BUFFERS:
         odd = sorted(params ^ _PARAMETERS) + sorted(buffers ^ _BUFFERS)
         problem = (f"class has parameters or buffers that differ from BatchNorm's "
@@ -291,6 +410,42 @@ def _check_stock(layer: _BatchNorm, where: str) -> None:
         f"convert_sync_batchnorm cannot convert {where} ({_qualname(cls)}): the {problem}. "
         f"Fix: register how to convert it with {_REGISTER_HINT.format(cls=cls.__name__)}, or "
         "replace that layer yourself before converting. Nothing was converted."
+    )
+
+
+def _all_batchnorm_classes() -> list[type]:
+    """``_BatchNorm`` and every subclass of it defined so far in this process."""
+    found: list[type] = []
+    todo: list[type] = [_BatchNorm]
+    while todo:
+        klass = todo.pop()
+        found.append(klass)
+        todo.extend(klass.__subclasses__())
+    return found
+
+
+def _check_scripted(layer: nn.Module, where: str) -> None:
+    """Refuse a TorchScript BatchNorm in training mode; warn about one in eval (module doc)."""
+    name = getattr(layer, "original_name", None)
+    if name not in {klass.__name__ for klass in _all_batchnorm_classes()}:
+        return
+    what = f"{where} (a TorchScript {name}, from torch.jit.script, trace or load)"
+    if layer.training:
+        raise ValueError(
+            f"convert_sync_batchnorm cannot convert {what}: compiled TorchScript code keeps "
+            "its own layer, which would go on normalizing with this rank's batch only, so "
+            "its statistics would silently not be synchronized. Fix: keep that part a "
+            "Python module while training (script or trace it for deployment after "
+            "syncbn.revert_sync_batchnorm), or, if it is frozen, call .eval() on it before "
+            "converting (it then uses its running statistics, as a SyncBatchNorm would). "
+            "Nothing was converted."
+        )
+    warnings.warn(
+        f"convert_sync_batchnorm leaves {what} as it is: compiled TorchScript code cannot be "
+        "changed. It is in eval mode, where it computes what a SyncBatchNorm would (the "
+        "running statistics); in training mode it would normalize with this rank's batch "
+        "only. Keep it in eval mode (call .eval() on it again after model.train()).",
+        RuntimeWarning, stacklevel=4,
     )
 
 
@@ -310,7 +465,8 @@ def revert_sync_batchnorm(module: nn.Module) -> nn.Module:
     Raises:
         TypeError: ``module`` is not an ``nn.Module``.
         ValueError: a layer has a fused activation, or is a SyncBatchNorm subclass
-            with its own forward and no registered way back. Nothing was changed then.
+            with its own forward (or another overridden method, as for converting)
+            and no registered way back. Nothing was changed then.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"revert_sync_batchnorm expected an nn.Module, got {type(module).__name__}")
@@ -332,10 +488,13 @@ def _revert_one(layer: SyncBatchNorm) -> nn.Module:
     rule = None if source is None else _rule_for(source)
     if rule is not None:
         return rule.to_plain(layer)
-    if type(layer).forward is not SyncBatchNorm.forward:
+    overridden = overridden_methods(type(layer), SyncBatchNorm.__mro__, ALLOWED_OVERRIDES)
+    if type(layer).forward is not SyncBatchNorm.forward or overridden:
+        what = "its own forward" if "forward" in overridden else (
+            f"its own {', '.join(overridden)}")
         raise ValueError(
             f"revert_sync_batchnorm cannot revert {label} ({_qualname(type(layer))}): the "
-            "class has its own forward and no registered way back. Fix: register one with "
+            f"class has {what} and no registered way back. Fix: register one with "
             f"{_REGISTER_HINT.format(cls=getattr(source, '__name__', 'SourceClass'))}"
         )
     if (source is not None and issubclass(source, _BatchNorm)

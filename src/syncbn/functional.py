@@ -13,17 +13,20 @@ The three paths, chosen by named predicates:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks, _comm, _stats
+from . import _checks, _comm, _policy, _stats, _step
 from ._activation import Activation
 from ._autograd import (
     SingleValuePolicy,
     SyncBatchNormFunction,
     global_moments,
     is_recomputing,
+    runs_op_body_directly,
     update_running_stats_,
 )
 
@@ -134,6 +137,7 @@ def batch_norm_train(
     mask: Tensor | None = None,
     call: int = -1,
     num_batches_tracked: Tensor | None = None,
+    steps: int | None = None,
 ) -> Tensor:
     """Training step in Torch's conventions: the local fallback or the synchronized core.
 
@@ -172,6 +176,7 @@ def batch_norm_train(
         process_group=None if fallback else group, single_value="raise", site=site,
         inplace_activation=inplace_activation, mask=mask, call=call,
         num_batches_tracked=num_batches_tracked, cumulative=momentum is None,
+        steps=steps,
     )
 
 
@@ -181,8 +186,27 @@ def call_site(input: Tensor, layer: str, timeout_s: float | None, debug: bool | 
 
     ``timeout_s=None`` reads ``SYNCBN_TIMEOUT`` (unset: the group's own timeout);
     ``debug=None`` reads ``SYNCBN_DEBUG``. ``eps`` and ``decay`` are compared
-    across ranks in debug mode.
+    across ranks in debug mode. Eager code caches the sites it made (by every input,
+    the environment's text included), so a step builds none.
     """
+    if torch.compiler.is_compiling():
+        return _make_site(input, layer, timeout_s, debug, eps, decay)
+    key = (layer, input.size(1), input.dtype, timeout_s, debug, float(eps), float(decay),
+           os.environ.get(_comm.TIMEOUT_ENV), os.environ.get(_comm.DEBUG_ENV))
+    site = _SITES.get(key)
+    if site is None:
+        site = _make_site(input, layer, timeout_s, debug, eps, decay)
+        if len(_SITES) >= 4096:
+            _SITES.clear()
+        _SITES[key] = site
+    return site
+
+
+_SITES: dict[tuple[object, ...], _comm.CallSite] = {}
+
+
+def _make_site(input: Tensor, layer: str, timeout_s: float | None, debug: bool | None,
+               eps: float, decay: float) -> _comm.CallSite:
     return _comm.CallSite(
         layer=layer, channels=input.size(1), dtype=input.dtype,
         timeout_s=_comm.env_timeout() if timeout_s is None else timeout_s,
@@ -192,17 +216,18 @@ def call_site(input: Tensor, layer: str, timeout_s: float | None, debug: bool | 
 
 def effective_shift(running_mean: Tensor | None, num_batches_tracked: Tensor | None,
                     decay: float | None) -> Tensor | None:
-    """The per-channel point ``s`` the moments are taken about (float64), shared by every rank.
+    """Compiled code's shift ``s`` (float64), from the layer's state alone (no Python state
+    may change under compile).
 
     The running mean, bias-corrected as Adam corrects its moments: after ``k``
     updates from 0 with keep-rate ``decay``, ``r_k = (1 − decay)·Σ decay^(k−j)·μ_j``,
-    so ``r_k / (1 − decay^k)`` is a weighted average of past batch means, within a
-    few σ of this batch's even at ``k = 1``. It is a function of the layer's
-    state_dict (``running_mean``, ``num_batches_tracked``), so ranks in step hold
-    it bitwise alike, and a resumed or unpickled layer continues bitwise. ``k``
-    is ``num_batches_tracked − 1`` (this step is already counted); without a
-    counter, or for the cumulative average (``decay=None``, already unbiased),
-    the running mean itself; non-finite values count as 0; no running mean: 0.
+    so ``r_k / (1 − decay^k)`` is a weighted average of past batch means. ``k`` is
+    ``num_batches_tracked − 1`` (this step is already counted); without a counter,
+    or for the cumulative average (``decay=None``, already unbiased), the running
+    mean itself; non-finite values count as 0. At ``k = 0`` (a fresh layer's first
+    compiled step) this is the initial running mean: that step's moments carry the
+    cancellation error ε₆₄·((μ − s)/σ)² of a plain merge (eager code exchanges a
+    shift instead, :func:`_step.exchange_shift`).
     """
     if running_mean is None:
         return None
@@ -213,6 +238,31 @@ def effective_shift(running_mean: Tensor | None, num_batches_tracked: Tensor | N
     steps = (num_batches_tracked.detach() - 1).clamp_min(0).double()
     correction = 1.0 - torch.pow(torch.full_like(steps, decay), steps)
     return torch.where(correction > 1e-12, r / correction.clamp_min(1e-12), r)
+
+
+def _shift(input: Tensor, mask: Tensor | None, running_mean: Tensor | None,
+           num_batches_tracked: Tensor | None, decay: float, cumulative: bool,
+           steps: int | None, group_name: str | None, site: _comm.CallSite | None,
+           call: int) -> Tensor:
+    """The point every rank takes its moments about (accumulation dtype), by one rule.
+
+    Eager code: the layer's state (:func:`_step.shift_from_state`), else one exchange
+    (:func:`_step.exchange_shift`). Compiled code (no host value of the step count
+    may steer it): the bias-corrected running mean (:func:`effective_shift`) where the
+    layer tracks one that moves, else the exchange.
+    """
+    acc = _stats.acc_dtype(input.dtype)
+    if torch.compiler.is_compiling():
+        if running_mean is not None and (cumulative or decay < 1.0):
+            point = effective_shift(running_mean, num_batches_tracked,
+                                    None if cumulative else decay)
+            assert point is not None
+            return point.to(acc)
+    else:
+        out = torch.empty(input.size(1), dtype=acc, device=input.device)
+        if _step.shift_from_state(running_mean, steps, decay, cumulative, out):
+            return out
+    return _step.exchange_shift(input, mask, group_name, site, call)
 
 
 def synchronized_batch_norm(
@@ -233,6 +283,7 @@ def synchronized_batch_norm(
     call: int = -1,
     num_batches_tracked: Tensor | None = None,
     cumulative: bool = False,
+    steps: int | None = None,
 ) -> Tensor:
     """Training-mode normalization with batch statistics of ``process_group``.
 
@@ -245,11 +296,17 @@ def synchronized_batch_norm(
     that output is saved; the caller checks it first (``_autograd.check_inplace``).
     ``call`` counts the layer's earlier training forwards (named in messages; −1
     unknown, as under ``torch.compile``, where no Python counter may change);
-    ``num_batches_tracked`` (counted for this step already) bias-corrects the
-    shift (:func:`effective_shift`); with ``cumulative`` the running average is
-    ``decay = 1 − 1/num_batches_tracked``. Arguments are not validated here.
-    The running statistics are updated by one custom op, which skips itself
-    inside a checkpoint's recompute.
+    ``num_batches_tracked`` (counted for this step already) bias-corrects compiled
+    code's shift (:func:`effective_shift`); with ``cumulative`` the running
+    average is ``decay = 1 − 1/num_batches_tracked``. ``steps`` is
+    ``num_batches_tracked`` (this step counted) as a host int, from which eager code
+    takes its shift (:func:`_step.shift_from_state`; ``None``: no state to take it
+    from, so each call exchanges one first: one more all-reduce). Arguments are not
+    validated here. The steady state runs
+    :func:`_step.lean_batch_norm`; masks, the in-place mode, a rank with at most
+    one value per channel and compiled code run the general path below, whose
+    running statistics are updated by one custom op that skips itself inside a
+    checkpoint's recompute.
     """
     if process_group is not None and input.is_meta and not torch.compiler.is_compiling():
         raise ValueError(
@@ -262,17 +319,39 @@ def synchronized_batch_norm(
         site = call_site(input, "SyncBatchNorm", timeout_s=None, debug=None, eps=eps,
                          decay=decay)
     group_name = None if process_group is None else str(process_group.group_name)
-    point = effective_shift(running_mean, num_batches_tracked, None if cumulative else decay)
-    stats, ident = global_moments(input, mask, point, group_name, site, call, single_value)
+    if _step.lean_applies(input, mask, inplace_activation is not None, group_name):
+        assert site is not None and group_name is not None
+        return _step.lean_batch_norm(
+            input, running_mean, running_var, weight, bias, eps=eps, decay=decay,
+            unbiased_var=unbiased_var, group_name=group_name, site=site, call=call,
+            num_batches_tracked=num_batches_tracked, cumulative=cumulative, steps=steps,
+            update_running=(running_mean is not None or running_var is not None)
+            and not is_recomputing(),
+        )
+    point = _shift(input, mask, running_mean, num_batches_tracked, decay, cumulative, steps,
+                   group_name, site, call)
+    packed, ident = global_moments(input, mask, point.double(), group_name, site, call,
+                                   single_value, state=running_mean)
     acc = _stats.acc_dtype(input.dtype)
-    mean = stats.mean.to(acc)
-    inv_std = _stats.invstd(stats.var, eps).to(acc)
+    channels = input.size(1)
+    compiling = torch.compiler.is_compiling()
+    counts = None
+    if not compiling and _policy.host_reads(packed.device):
+        tail = packed[-2:].tolist()
+        counts = (tail[0], tail[1])
+    shift_eps = torch.stack([point, torch.full_like(point, float(eps))])
+    merged = _step.merge(packed, shift_eps, counts, acc, unbiased_var)
+    count = packed[2 * channels:2 * channels + 1]
     # Function.apply is untyped in torch's stubs
     out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        input, weight, bias, mask, mean, inv_std, stats.count, ident, call, group_name, site,
-        inplace_activation,
+        input, weight, bias, mask, merged.mean, merged.inv_std, count, ident, call, group_name,
+        site, inplace_activation,
     )
     if running_mean is not None or running_var is not None:
-        update_running_stats_(running_mean, running_var, stats.mean, stats.var, stats.count,
-                              decay, unbiased_var, num_batches_tracked if cumulative else None)
+        tracked = num_batches_tracked if cumulative else None
+        if compiling or not runs_op_body_directly(running_mean, running_var):
+            update_running_stats_(running_mean, running_var, merged.mean, merged.batch_var,
+                                  count, decay, tracked)
+        elif not is_recomputing():
+            _step.update_running_(running_mean, running_var, merged, decay, tracked, acc)
     return out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -10,13 +12,30 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import _checks, _comm, _stats
+from . import _checks, _comm, _policy, _stats, _step
 from ._activation import Activation
 from ._autograd import check_inplace, count_step_, is_recomputing, normalize_
-from ._pickling import GroupPicklingMixin, check_group_travelled
-from .functional import batch_norm_train, call_site
+from ._pickling import GROUP_LOST_ATTRIBUTE, GroupPicklingMixin, check_group_travelled
+from .functional import (
+    batch_norm_train,
+    call_site,
+    local_fallback_applies,
+    synchronized_batch_norm,
+)
 
 __all__ = ["SyncBatchNorm"]
+
+
+@dataclass(frozen=True)
+class _FastPath:
+    """What a layer decided for one input signature: reused while nothing it depends on
+    changes (``SyncBatchNorm._fast_key``)."""
+
+    key: tuple[object, ...]
+    site: _comm.CallSite
+    group_name: str
+    decay: float
+    cumulative: bool
 
 
 class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
@@ -30,7 +49,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     variance, ``momentum=None`` giving the cumulative average. In eval the running
     statistics normalize without any communication. Unlike torch's layer it trains
     on CPU (gloo) as well as on accelerators, with uneven and empty per-rank
-    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C``
+    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C + 2``
     backward.
 
     Without an initialized process group, or with a group of one rank, it is
@@ -46,14 +65,21 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
       output for backward, recomputing the normalized values from it (In-Place
       ABN, arXiv:1712.02616): about half the activation memory of BatchNorm
       followed by a separate activation, same results;
-    - ``timeout``: seconds one collective may take before a
+    - ``timeout``: seconds (0.001 to 1e7: collective timeouts count whole
+      milliseconds) one collective may take before a
       :class:`syncbn.SyncBatchNormError` naming this layer (default the
       ``SYNCBN_TIMEOUT`` variable, else the group's own timeout);
-    - ``debug``: compare a fingerprint of layer, call count, channels and dtype
-      across ranks before every collective (default the ``SYNCBN_DEBUG`` variable);
+    - ``debug``: compare a fingerprint of layer, channels, dtype, phase, eps and
+      momentum across ranks before every collective (default the ``SYNCBN_DEBUG``
+      variable);
     - ``name``: how errors and the out-of-step checks tell this layer from
       others; ``convert_sync_batchnorm`` names every layer by its path in the model.
       Unnamed layers of equal size cannot be told apart by those checks.
+
+    ``SYNCBN_TIMEOUT`` and ``SYNCBN_DEBUG`` are read at every eager training
+    forward, but under ``torch.compile`` when the layer is traced: changed after the
+    first compiled step, they are ignored until ``torch._dynamo.reset()`` (or a new
+    ``torch.compile``) and a new trace.
 
     Shape:
         Input ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``,
@@ -69,6 +95,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     """The layer's path in the model, set by ``convert_sync_batchnorm``, for error messages."""
     _syncbn_calls: int
     """Training forwards run so far on this rank, in eager mode (messages name it)."""
+    _syncbn_steps: int | None
+    """Host mirror of ``num_batches_tracked`` on accelerators (see ``_steps``)."""
 
     activation: Activation
     inplace: bool
@@ -123,6 +151,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         self._syncbn_name = name
         self._syncbn_group_lost = False
         self._syncbn_calls = 0
+        self._syncbn_steps = None
+        self._syncbn_fast: _FastPath | None = None
 
     def _check_input_dim(self, input: Tensor) -> None:
         _checks.check_ndim(input)
@@ -134,6 +164,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         training statistics to the valid positions of every rank (padded batches);
         out of training it changes nothing.
         """
+        fast = self.__dict__.get("_syncbn_fast")
+        if fast is not None and mask is None and fast.key == self._fast_key(input):
+            return self._forward_fast(input, fast)
         _checks.check_tensor(input)
         self._check_input_dim(input)
         _checks.check_channels(input, self.num_features)
@@ -145,7 +178,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         _checks.check_mask(input, mask)
         momentum = _checks.check_momentum(self.momentum, allow_none=True)
         if not self.training:
-            return self._forward_eval(input, 0.0 if momentum is None else momentum)
+            return self._forward_eval(input, 0.0 if momentum is None else momentum, mask)
         # refuse before anything is counted
         if not torch.compiler.is_compiling():
             self._check_group()
@@ -157,6 +190,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         site = call_site(input, self.layer_name, self.timeout, self.debug, eps=self.eps,
                          decay=1.0 - (0.0 if momentum is None else momentum))
         tracked = self.track_running_stats
+        key = None
+        if mask is None and not self.inplace and not torch.compiler.is_compiling():
+            key = self._fast_key(input)  # before counting: the key holds the step's settings
         if tracked and self.num_batches_tracked is not None:
             count_step_(self.num_batches_tracked)
         call = -1
@@ -164,14 +200,110 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             call = self._syncbn_calls
             if not is_recomputing():
                 self._syncbn_calls += 1
+        if key is not None:
+            self._syncbn_fast = self._plan_fast(input, key, site, momentum)
         out = batch_norm_train(
             input, self.running_mean if tracked else None, self.running_var if tracked else None,
             weight, self.bias, momentum, self.eps, self.process_group, site,
             inplace_activation=self.activation if self.inplace else None, mask=mask,
             call=call,
             num_batches_tracked=self.num_batches_tracked if tracked else None,
+            steps=self._steps() if tracked else None,
         )
         return out if self.inplace else self.activation.apply(out)
+
+    def _fast_key(self, input: Tensor) -> tuple[object, ...] | None:
+        """Everything a training step's checks and decisions depend on, or ``None`` where the
+        steady-state path cannot run (compiled or traced code, a tensor subclass, eval)."""
+        if (not self.training or type(input) is not Tensor or torch.compiler.is_compiling()
+                or torch._C._len_torch_dispatch_stack() > 0):
+            return None
+        weight, running_mean = self.weight, self.running_mean
+        return (input.shape, input.dtype, input.device, input.stride(), self.momentum,
+                self.eps, self.process_group, _comm.default_group(),
+                _comm.registered(self.process_group), self.timeout, self.debug,
+                self._syncbn_name, self.track_running_stats, self.inplace, self.activation,
+                None if weight is None else weight.dtype,
+                None if running_mean is None else running_mean.dtype,
+                self.__dict__.get(GROUP_LOST_ATTRIBUTE, False),
+                os.environ.get(_comm.TIMEOUT_ENV), os.environ.get(_comm.DEBUG_ENV))
+
+    def _plan_fast(self, input: Tensor, key: tuple[object, ...], site: _comm.CallSite,
+                   momentum: float | None) -> _FastPath | None:
+        """The steady-state path of this signature, where the lean core runs (see ``_step``)."""
+        group = _comm.resolve_group(self.process_group)
+        if group is None or local_fallback_applies(group) or not _step.lean_applies(
+                input, None, False, str(group.group_name)):
+            return None
+        return _FastPath(key, site, str(group.group_name),
+                         1.0 - (0.0 if momentum is None else momentum), momentum is None)
+
+    def _forward_fast(self, input: Tensor, fast: _FastPath) -> Tensor:
+        """A training step of a signature seen before: its checks passed then and nothing they
+        depend on changed (:meth:`_fast_key`), so only the step itself runs."""
+        counter = self.num_batches_tracked
+        tracked = self.track_running_stats and counter is not None
+        if counter is not None and tracked:
+            count_step_(counter)
+        call = self._syncbn_calls
+        recomputing = is_recomputing()
+        if not recomputing:
+            self._syncbn_calls += 1
+        out = _step.lean_batch_norm(
+            input, self.running_mean if tracked else None, self.running_var if tracked else None,
+            self.weight, self.bias, eps=self.eps, decay=fast.decay, unbiased_var=True,
+            group_name=fast.group_name, site=fast.site, call=call,
+            num_batches_tracked=self.num_batches_tracked if tracked else None,
+            cumulative=fast.cumulative, steps=self._steps() if tracked else None,
+            update_running=tracked and not recomputing,
+        )
+        return self.activation.apply(out)
+
+    def _steps(self) -> int | None:
+        """``num_batches_tracked`` (this step counted) as a host int, for the shift.
+
+        CPU: read (no kernel, no sync). Accelerators: a host mirror, read once after
+        construction, ``load_state_dict`` or ``reset_running_stats`` and then counted
+        along, so no step reads the device (see ``syncbn._policy``). ``None`` under
+        compile (the compiled shift reads the count on the device).
+        """
+        counter = self.num_batches_tracked
+        if counter is None or counter.is_meta or torch.compiler.is_compiling():
+            return None
+        if _policy.host_reads(counter.device):
+            steps = _policy.host_int(counter)
+        else:
+            mirror: int | None = self.__dict__.get("_syncbn_steps")
+            if mirror is None:
+                mirror = _policy.host_int(counter) - 1  # one host read; this step counted below
+            steps = mirror if is_recomputing() else mirror + 1
+        self._syncbn_steps = steps
+        return steps
+
+    def reset_running_stats(self) -> None:
+        super().reset_running_stats()
+        self._syncbn_steps = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> SyncBatchNorm:
+        fast = self.__dict__.get("_syncbn_fast")
+        if fast is not None:  # decisions tied to this layer's objects: a copy decides anew
+            memo[id(fast)] = None
+        copied: SyncBatchNorm = super().__deepcopy__(memo)
+        return copied
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state.pop("_syncbn_fast", None)
+        super().__setstate__(state)  # type: ignore[no-untyped-call]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().__getstate__()
+        state = dict(state)
+        state.pop("_syncbn_fast", None)
+        return state
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._syncbn_steps = None
 
     def _check_group(self) -> None:
         """The layer's group must be usable; errors name the layer."""
@@ -179,10 +311,15 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
                               "syncbn.convert_sync_batchnorm(model, process_group)")
         _comm.resolve_group(self.process_group, who=_comm.layer_label(self.layer_name))
 
-    def _forward_eval(self, input: Tensor, factor: float) -> Tensor:
+    def _forward_eval(self, input: Tensor, factor: float, mask: Tensor | None = None) -> Tensor:
         """Eval never communicates (as torch): running statistics, or this rank's own
-        batch statistics when none are tracked."""
+        batch statistics when none are tracked (over the mask's valid positions, if any)."""
         no_buffers = self.running_mean is None and self.running_var is None
+        if no_buffers and mask is not None:
+            out = synchronized_batch_norm(
+                input, None, None, self.weight, self.bias, eps=self.eps, decay=1.0 - factor,
+                unbiased_var=True, process_group=None, single_value="raise", mask=mask)
+            return self.activation.apply(out)
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (input, self.weight, self.bias))
         in_place = self.inplace and not no_buffers and not needs_grad

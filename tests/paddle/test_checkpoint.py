@@ -404,3 +404,103 @@ def test_readme_quick_start_convert_and_load(order: str) -> None:
     with torch.no_grad():
         y = model.eval()(torch.from_numpy(io["x"]))
     torch.testing.assert_close(y, torch.from_numpy(io["y"]), rtol=1e-5, atol=1e-5)
+
+
+# --- allocations a few bytes ask for: charged before numpy allocates (issue 19, item 15) -----
+
+_RECONSTRUCT = np.zeros(1).__reduce__()[0]
+_FROMBUFFER = np.arange(1).__reduce_ex__(5)[0]
+_HUGE = 1 << 36
+"""64 Gi elements: before the fix numpy's MemoryError ("Unable to allocate 64.0 GiB")."""
+
+
+class _NdarrayCall:
+    """Pickles as ``numpy.ndarray(shape, dtype)`` called directly (paddle.save never does)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str = "u1") -> None:
+        self.shape, self.dtype = shape, dtype
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return np.ndarray, (self.shape, np.dtype(self.dtype))
+
+
+class _ObjectState:
+    """An array whose BUILD state asks for ``_HUGE`` object slots (numpy allocates first)."""
+
+    def __init__(self, via_buffer: bool) -> None:
+        self.via_buffer = via_buffer
+
+    def __reduce__(self) -> tuple[object, ...]:
+        state = (1, (_HUGE,), np.dtype("O"), False, [])
+        if self.via_buffer:  # protocol 5's _frombuffer view, then the state
+            return _FROMBUFFER, (bytearray(8), np.dtype("u1"), (8,), "C"), state
+        return _RECONSTRUCT, (np.ndarray, (0,), b"b"), state
+
+
+# numpy.ndarray((2**36,)) through NEWOBJ: ``cls.__new__(cls, *args)``, float64 (512 GiB)
+_NEWOBJ_BOMB = (b"\x80\x02}X\x01\x00\x00\x00wcnumpy\nndarray\n(\x8a\x05\x00\x00\x00\x00\x10"
+                b"\x85t\x81s.")
+
+
+@pytest.mark.parametrize(("payload", "protocol", "what"), [
+    (_NdarrayCall((_HUGE,)), 2, r"allocating an array \(numpy\.ndarray\)"),
+    (_NEWOBJ_BOMB, None, r"allocating an array \(numpy\.ndarray\)"),
+    (_ObjectState(via_buffer=False), 2, r"rebuilding an array"),
+    (_ObjectState(via_buffer=True), 5, r"rebuilding an array"),
+], ids=["ndarray-call", "ndarray-newobj", "reconstruct-object-state", "frombuffer-object-state"])
+def test_small_file_asking_for_a_huge_array_is_refused_before_allocating(
+        tmp_path: Path, payload: object, protocol: int | None, what: str) -> None:
+    """Before: numpy's MemoryError (64 GiB, 512 GiB, or an empty one for object states)."""
+    path = tmp_path / "bomb.pdparams"
+    path.write_bytes(payload if isinstance(payload, bytes)
+                     else pickle.dumps({"w": payload}, protocol=protocol))
+    assert path.stat().st_size < 256
+    with pytest.raises(ValueError, match=rf"builds more than \d+ bytes \(4 × its \d+ bytes \+ "
+                                         rf"1 MiB\) while {what}: .*before allocating\. Fix: "
+                                         r"load only files written by paddle\.save"):
+        load_pdparams(path)
+
+
+def test_ndarray_called_without_values_is_refused_as_uninitialized(tmp_path: Path) -> None:
+    """Before: loaded as a tensor of whatever the freshly allocated memory held."""
+    path = _write(tmp_path, {"w": _NdarrayCall((16,), "f8")}, protocol=2)
+    with pytest.raises(ValueError, match=r"entry 'w' of .* values the file never gives .* "
+                                         r"uninitialized memory"):
+        load_pdparams(path)
+
+
+class _FilledByState:
+    """``numpy.ndarray((0,))`` then a BUILD state with the values: a complete array."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+
+    def __reduce__(self) -> tuple[object, ...]:
+        state = (1, self.values.shape, self.values.dtype, False, self.values.tobytes())
+        return np.ndarray, ((0,), self.values.dtype), state
+
+
+def test_ndarray_call_filled_by_its_state_still_loads(tmp_path: Path) -> None:
+    values = np.arange(6, dtype=np.float32)
+    state = load_pdparams(_write(tmp_path, {"w": _FilledByState(values)}, protocol=2))
+    assert torch.equal(state["w"], torch.from_numpy(values))
+
+
+class _OrderedFrom:
+    def __init__(self, arg: object) -> None:
+        self.arg = arg
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return OrderedDict, (self.arg,)
+
+
+def test_ordered_dict_from_pairs_loads_and_from_an_array_is_refused(tmp_path: Path) -> None:
+    """Python 2 pickled an OrderedDict from a list of pairs; iterating anything else (an
+    array view) could build millions of objects from a few bytes."""
+    pairs = _write(tmp_path, _OrderedFrom([["w", np.ones(2)]]), protocol=2, name="pairs.pdparams")
+    assert torch.equal(load_pdparams(pairs)["w"], torch.ones(2, dtype=torch.float64))
+    view = _write(tmp_path, _OrderedFrom(np.zeros((4, 2))), protocol=2, name="view.pdparams")
+    with pytest.raises(ValueError, match=r"builds an OrderedDict from _PendingArray; a pickled "
+                                         r"OrderedDict is built empty \(or from a list of "
+                                         r"pairs\)"):
+        load_pdparams(view)

@@ -717,14 +717,40 @@ class _OwnStatistics(BatchNorm3D):
         return super()._statistics_mode()
 
 
+class _FrozenByTrain(BatchNorm2D):
+    """The frozen-BN idiom. Before issue 19's fix it was converted and trained: output moved
+    by up to 7.9, ``_mean`` by 0.22 (one step, measured)."""
+
+    def train(self, mode: bool = True) -> _FrozenByTrain:
+        return super().train(False)
+
+
+class _OwnLoading(BatchNorm1D):
+    def _load_from_state_dict(self, *args: Any) -> None:
+        super()._load_from_state_dict(*args)
+
+
+class _Described(BatchNorm2D):
+    """Only a description and a new helper: it behaves as BatchNorm2D."""
+
+    def extra_repr(self) -> str:
+        return "described"
+
+    def freeze_later(self) -> None:
+        self.eval()
+
+
 def test_convert_subclass_without_own_computation() -> None:
-    model = nn.Sequential(_StockSubclass(3))
+    model = nn.Sequential(_StockSubclass(3), _Described(3))
     SyncBatchNorm.convert_sync_batchnorm(model)
     assert type(model[0]) is SyncBatchNorm and model[0].momentum == 0.5
+    assert type(model[1]) is SyncBatchNorm
 
 
 @pytest.mark.parametrize(("cls", "what"), [(_OwnForward, "forward"),
-                                           (_OwnStatistics, "_statistics_mode")])
+                                           (_OwnStatistics, "_statistics_mode"),
+                                           (_FrozenByTrain, "train"),
+                                           (_OwnLoading, "_load_from_state_dict")])
 def test_convert_refuses_subclass_with_own_computation(cls: type[_BatchNormBase],
                                                        what: str) -> None:
     first = BatchNorm2D(3)
@@ -734,3 +760,12 @@ def test_convert_refuses_subclass_with_own_computation(cls: type[_BatchNormBase]
             rf"{what}, .*silently compute something else.*Nothing was converted")):
         SyncBatchNorm.convert_sync_batchnorm(model)
     assert model[0] is first and type(model[1][1]) is cls  # untouched
+
+
+def test_convert_refuses_a_method_replaced_on_the_instance() -> None:
+    layer = BatchNorm1D(3)
+    layer.train = lambda mode=True: layer  # type: ignore[method-assign, assignment, misc]
+    with pytest.raises(ValueError, match=r"cannot convert '0' \(.*BatchNorm1D\): the layer's "
+                                         r"train is replaced on the instance, which a "
+                                         r"SyncBatchNorm would not run"):
+        SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(layer))

@@ -8,10 +8,12 @@ the only globals it may name are the ones numpy arrays are rebuilt from (listed 
 ``_allowed_globals``); anything else raises :class:`UnsafePickleError` naming it.
 
 A pickle can also be small and *expand*: its memo lets one stored array, string or
-byte string be referenced any number of times. So the loader builds each
-referenced object once (an array referenced by 2000 keys becomes one tensor shared
-by those keys), and counts the bytes it builds (decoded byte strings, array
-copies, tensors): a file written by ``paddle.save`` stores every array's bytes
+byte string be referenced any number of times, and a few bytes can ask numpy for
+an array of any shape. So the loader builds each referenced object once (an array
+referenced by 2000 keys becomes one tensor shared by those keys), and charges the
+bytes every allow-listed call would build (decoded byte strings, arrays — by the
+shape and dtype they ask for, *before* numpy allocates them —, numpy scalars,
+tensors) to one budget: a file written by ``paddle.save`` stores every array's bytes
 once, so for it that count stays below ``3 × file size``; above
 ``EXPANSION_LIMIT × file size + 1 MiB`` the loader stops with a ``ValueError``.
 
@@ -74,16 +76,17 @@ class _Budget:
         self.limit = EXPANSION_LIMIT * file_size + _SLACK_BYTES
         self.file_size = file_size
         self.used = 0
-        self._source = source
+        self.source = source
 
     def charge(self, nbytes: int, what: str) -> None:
         self.used += nbytes
         if self.used > self.limit:
             raise _RefusedContentError(
-                f"load_pdparams: {self._source} builds more than {self.limit} bytes "
+                f"load_pdparams: {self.source} builds more than {self.limit} bytes "
                 f"({EXPANSION_LIMIT} × its {self.file_size} bytes + 1 MiB) while {what}: it "
-                "references the same data many times, which a file written by paddle.save "
-                "never does (it stores each array once), so loading stopped here. "
+                "references the same data many times or asks for more memory than it "
+                "stores, which a file written by paddle.save never does (it stores each "
+                "array's bytes once), so loading stopped here, before allocating. "
                 "Fix: load only files written by paddle.save(layer.state_dict(), path)."
             )
 
@@ -98,23 +101,55 @@ def _import_numpy() -> ModuleType:
         ) from exc
 
 
+def _array_bytes(np: ModuleType, shape: object, dtype: object, source: str) -> int:
+    """The bytes numpy would allocate for ``shape`` and ``dtype`` (a pickle's arguments).
+
+    Raises ``_RefusedContentError`` when they are not a shape and a dtype numpy could
+    build from: then nothing is allocated, and no budget can be checked.
+    """
+    try:
+        dims = (shape,) if isinstance(shape, int) else tuple(shape)  # type: ignore[arg-type]
+        count = math.prod(int(dim) for dim in dims)
+        itemsize = int(np.dtype(dtype).itemsize)
+    except Exception as exc:
+        raise _RefusedContentError(
+            f"load_pdparams: {source} asks numpy for an array of shape {shape!r} and dtype "
+            f"{dtype!r}, which is not one numpy writes ({exc}). Fix: load only files "
+            "written by paddle.save(layer.state_dict(), path)."
+        ) from None
+    return max(count, 0) * itemsize
+
+
 class _PendingArray:
-    """What the pickle's ``_reconstruct`` returns here: an array built at BUILD, and charged.
+    """An array that numpy's pickle fills at BUILD; every allocation is charged first.
 
     numpy rebuilds an array in two steps, ``_reconstruct(ndarray, (0,), b"b")`` then
-    ``array.__setstate__((version, shape, dtype, is_fortran, raw))``, which copies
-    ``raw``; the copy is counted against the budget. :func:`_unwrap` takes the array out.
+    ``array.__setstate__((version, shape, dtype, is_fortran, raw))``, which allocates
+    ``shape × dtype`` (for an object dtype before it looks at ``raw``: 512 GiB for a
+    few bytes of pickle). The state's size is charged to the budget before numpy sees
+    it. ``array`` is the built array (``None`` until filled); :func:`_to_tensor` takes
+    it out.
     """
 
-    def __init__(self, make: Callable[[], Any], budget: _Budget) -> None:
+    def __init__(self, make: Callable[[], Any], budget: _Budget, np: ModuleType,
+                 array: Any = None) -> None:
         self._make = make
         self._budget = budget
-        self.array: Any = None
+        self._np = np
+        self.array: Any = array
 
     def __setstate__(self, state: object) -> None:
-        array = self._make()
+        if not (isinstance(state, tuple) and len(state) in (4, 5)):
+            raise _RefusedContentError(
+                f"load_pdparams: {self._budget.source} fills an array with a state that is "
+                f"not numpy's (shape, dtype, is_fortran, data) tuple (got a "
+                f"{type(state).__name__}). Fix: load only files written by "
+                "paddle.save(layer.state_dict(), path)."
+            )
+        self._budget.charge(_array_bytes(self._np, state[-4], state[-3], self._budget.source),
+                            "rebuilding an array")
+        array = self._make() if self.array is None else self.array
         array.__setstate__(state)
-        self._budget.charge(int(array.nbytes), "rebuilding an array")
         self.array = array
 
 
@@ -124,14 +159,34 @@ def _allowed_globals(np: ModuleType, budget: _Budget, source: str) -> dict[tuple
     The numpy helpers are taken from numpy's own ``__reduce__`` results rather than
     imported by path: their module moved from ``numpy.core`` (numpy 1) to
     ``numpy._core`` (numpy 2, where importing ``numpy.core`` warns), and files from
-    either must load under either. The helpers that build data are wrapped to
-    charge ``budget`` (module docstring); ``_codecs.encode`` only takes protocol 2's
-    ``(str, "latin1")``.
+    either must load under either. Every entry that can allocate is wrapped to
+    charge ``budget`` *before* it allocates (module docstring): ``numpy.ndarray``
+    (called or given to ``_reconstruct``), ``_reconstruct``, ``scalar``, the state
+    that fills an array (:class:`_PendingArray`, also around ``_frombuffer``'s
+    views), ``_codecs.encode`` (which only takes protocol 2's ``(str, "latin1")``);
+    ``OrderedDict`` is only built empty or from a list of pairs, as pickles build it.
     """
     reconstruct = np.arange(1).__reduce__()[0]  # protocols 2-4
-    frombuffer = np.arange(1).__reduce_ex__(5)[0]  # protocol 5 (a view: charged as a tensor)
+    frombuffer = np.arange(1).__reduce_ex__(5)[0]  # protocol 5
     numpy_scalar = np.float32(0).__reduce__()[0]  # numpy scalars
     codecs_encode = importlib.import_module("_codecs").encode
+
+    class NdarrayCall:
+        """``numpy.ndarray`` as the pickle names it: the subtype ``_reconstruct`` is given
+        (see ``reconstruct_pending``), or called itself (REDUCE, NEWOBJ), which
+        ``paddle.save`` never does. A call is charged ``shape × dtype`` before anything
+        is allocated and returns a pending array (uninitialized memory unless a state
+        fills it); with a ``buffer`` it is a view of bytes the file already holds."""
+
+        def __new__(cls, shape: object = (), dtype: object = float, buffer: object = None,
+                    *args: object, **kwargs: object) -> Any:
+            if buffer is not None:  # a view: nothing new is allocated
+                view = np.ndarray(shape, dtype, buffer, *args, **kwargs)
+                return _PendingArray(lambda: view, budget, np, array=view)
+            budget.charge(_array_bytes(np, shape, dtype, source),
+                          "allocating an array (numpy.ndarray)")
+            return _PendingArray(lambda: np.ndarray(shape, dtype, None, *args, **kwargs),
+                                 budget, np)
 
     def encode(text: object, encoding: object = "utf-8", *errors: object) -> Any:
         if not (isinstance(encoding, str) and encoding.lower() in _CODECS):
@@ -152,28 +207,54 @@ def _allowed_globals(np: ModuleType, budget: _Budget, source: str) -> dict[tuple
 
     def reconstruct_pending(subtype: object, *args: Any) -> _PendingArray:
         # numpy's pickles allocate shape (0,) here; a larger shape is memory too
-        try:
-            empty = math.prod(args[0]) * np.dtype(args[1]).itemsize
-        except Exception:  # malformed: numpy's own error comes at BUILD
-            empty = 0
-        budget.charge(int(empty), "allocating an array")
-        return _PendingArray(lambda: reconstruct(subtype, *args), budget)
+        if subtype is NdarrayCall:
+            subtype = np.ndarray
+        if len(args) != 2:
+            raise _RefusedContentError(
+                f"load_pdparams: {source} calls numpy's _reconstruct with {len(args) + 1} "
+                "arguments; numpy writes (ndarray, shape, dtype). Fix: load only files "
+                "written by paddle.save(layer.state_dict(), path)."
+            )
+        budget.charge(_array_bytes(np, args[0], args[1], source), "allocating an array")
+        return _PendingArray(lambda: reconstruct(subtype, *args), budget, np)
 
     def scalar(dtype: Any, *args: object) -> Any:
-        budget.charge(int(getattr(dtype, "itemsize", 0)), "rebuilding a numpy scalar")
+        if not isinstance(dtype, np.dtype):  # numpy's own error, before any allocation
+            return numpy_scalar(dtype, *args)
+        budget.charge(int(dtype.itemsize), "rebuilding a numpy scalar")
         return numpy_scalar(dtype, *args)
 
+    def from_buffer(buffer: object, *args: object) -> _PendingArray:
+        # a view of bytes the file holds (charged when it becomes a tensor); a later BUILD
+        # on it would allocate, so it is wrapped like the others
+        view = frombuffer(buffer, *args)
+        return _PendingArray(lambda: view, budget, np, array=view)
+
+    def ordered_dict(*args: object, **kwargs: object) -> OrderedDict[Any, Any]:
+        # Python 3 pickles an OrderedDict empty, then fills it item by item (SETITEMS);
+        # Python 2 passed a list of [key, value] pairs. Those are built by the pickle's own
+        # opcodes (bounded by its size); iterating anything else (an array view) could build
+        # millions of objects from a few bytes
+        if kwargs or len(args) > 1 or (args and not isinstance(args[0], (list, tuple))):
+            raise _RefusedContentError(
+                f"load_pdparams: {source} builds an OrderedDict from "
+                f"{type(args[0]).__name__ if args else 'keywords'}; a pickled OrderedDict is "
+                "built empty (or from a list of pairs). Fix: load only files written by "
+                "paddle.save(layer.state_dict(), path)."
+            )
+        return OrderedDict(*args)
+
     allowed: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "ndarray"): NdarrayCall,
+        ("numpy", "dtype"): np.dtype,  # builds a description, never array memory
         # protocol 2 pickles bytes as _codecs.encode(str, "latin1")
         ("_codecs", "encode"): encode,
-        ("collections", "OrderedDict"): OrderedDict,
+        ("collections", "OrderedDict"): ordered_dict,
     }
     for package in ("numpy.core", "numpy._core"):
         allowed[(f"{package}.multiarray", "_reconstruct")] = reconstruct_pending
         allowed[(f"{package}.multiarray", "scalar")] = scalar
-        allowed[(f"{package}.numeric", "_frombuffer")] = frombuffer
+        allowed[(f"{package}.numeric", "_frombuffer")] = from_buffer
     return allowed
 
 

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 from .. import _comm
 from .._activation import Activation
 from .._autograd import inplace_blocker, inplace_weight_ok, is_recomputing
+from .._checks import MAX_TIMEOUT_S, MIN_TIMEOUT_S, timeout_hint
 from .._pickling import GroupPicklingMixin, check_group_travelled
-from ..convert import replace_in_tree
+from ..convert import overridden_methods, replace_in_tree, replaced_on_instance
 from ..functional import call_site, local_fallback_applies
 from . import _semantics
 from ._activations import get_activation
@@ -310,9 +311,16 @@ class BatchNorm3D(_BatchNormBase):
 
 _CONVERTIBLE = (BatchNorm1D, BatchNorm2D, BatchNorm3D)
 _RECONVERT = "SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)"
-_COMPUTING_METHODS = ("forward", "_fused", "_statistics_mode", "_synchronization",
-                      "_check_input")
-"""What a subclass of ``BatchNorm1D/2D/3D`` must not override to be converted."""
+_STOCK = (*_CONVERTIBLE, *_BatchNormBase.__mro__)
+"""What a converted layer behaves as: BatchNorm1D/2D/3D, their N-d base, nn.Module, object."""
+_ALLOWED_OVERRIDES = ("__init__", "extra_repr", "__repr__", "__str__", "__init_subclass__",
+                      "__subclasshook__")
+"""What a subclass of ``BatchNorm1D/2D/3D`` may define and still be converted: it builds or
+describes the layer (``__init__`` is run before converting; the converter copies the result).
+Any other method, property or descriptor that replaces a stock one (``forward``, ``train``,
+``eval``, ``_statistics_mode``, ``_check_input``, ``_load_from_state_dict``, …) is refused,
+by the Torch flavour's rule (``syncbn.convert.overridden_methods``)."""
+_STATE = ("weight", "bias", "_mean", "_variance")
 
 
 class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
@@ -321,7 +329,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
     In training, μ and σ² are taken over every value of the channel on every rank
     of ``process_group`` (default: the world), with any ``torch.distributed``
     backend, exactly for uneven and empty per-rank batches (one all-reduce of
-    ``2C + 2`` values forward, one of ``2C`` backward). Without an initialized
+    ``2C + 2`` values forward, one of ``2C + 2`` backward). Without an initialized
     process group, or with a group of one rank, it normalizes with the local batch,
     which is the same thing. In eval the running statistics normalize and nothing
     is communicated. Any rank 2–5 with any of 'NC', 'NCL', 'NCHW', 'NCDHW' (C at
@@ -336,11 +344,14 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
     ``_variance``, which stay in the ``state_dict``.
 
     Keyword-only extensions (Paddle has none): ``process_group`` (a
-    ``torch.distributed`` group; None: the world), ``timeout`` (seconds one
-    collective may take before a ``syncbn.SyncBatchNormError`` naming this layer;
-    default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
-    fingerprint of layer, call, channels and dtype across ranks first; default
-    ``SYNCBN_DEBUG``).
+    ``torch.distributed`` group; None: the world), ``timeout`` (seconds, 0.001 to
+    1e7, one collective may take before a ``syncbn.SyncBatchNormError`` naming this
+    layer; default ``SYNCBN_TIMEOUT``, else the group's own) and ``debug`` (compare a
+    fingerprint of layer, channels, dtype, phase, eps and momentum across ranks
+    first; default ``SYNCBN_DEBUG``). The two variables are read at every eager
+    training forward, but under ``torch.compile`` when the layer is traced: changed
+    after the first compiled step, they are ignored until ``torch._dynamo.reset()``
+    (or a new ``torch.compile``) and a new trace.
 
     ``copy.deepcopy`` shares a custom ``process_group``; pickling (``torch.save``)
     drops it, and the unpickled layer's next synchronized forward says so until a
@@ -372,11 +383,14 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
             )
         _check_flag(track_running_stats, "SyncBatchNorm", "track_running_stats")
         _comm.check_group_arg(process_group)
-        if timeout is not None and (isinstance(timeout, bool)  # `not > 0`: NaN too
-                                    or not isinstance(timeout, (int, float)) or not timeout > 0):
+        if timeout is not None and (  # `not <=`: NaN too
+                isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                or not MIN_TIMEOUT_S <= timeout <= MAX_TIMEOUT_S):
+            hint = timeout_hint(timeout) if isinstance(timeout, (int, float)) else ""
             raise ValueError(
-                f"SyncBatchNorm: expected timeout to be a positive number of seconds or None "
-                f"(the group's own timeout), got {timeout!r}. Fix: pass e.g. timeout=60."
+                f"SyncBatchNorm: expected timeout to be a positive number of seconds "
+                f"({MIN_TIMEOUT_S:g} to {MAX_TIMEOUT_S:g}) or None (the group's own timeout), "
+                f"got {timeout!r}{hint}. Fix: pass e.g. timeout=60."
             )
         super().__init__(num_features, momentum, epsilon, weight_attr, bias_attr, data_format,
                          None, name)
@@ -403,7 +417,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
             return None, None, -1  # eval never communicates
         if not torch.compiler.is_compiling():
             check_group_travelled(self, self.layer_name, _RECONVERT)
-        group = _comm.resolve_group(self.process_group)
+        group = _comm.resolve_group(self.process_group, who=_comm.layer_label(self.layer_name))
         if local_fallback_applies(group):
             return None, None, -1
         conventions = self._conventions("SyncBatchNorm")
@@ -441,8 +455,11 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
         ``use_global_stats`` is not carried over (SyncBatchNorm follows train/eval).
         ``SyncBatchNorm`` layers stay as they are (and take ``process_group`` when
         one is given); the old-style ``BatchNorm`` is not converted, as in Paddle.
-        Subclasses of ``BatchNorm1D/2D/3D`` are converted when they compute as their
-        base (no forward or statistics hook of their own), refused otherwise.
+        Subclasses of ``BatchNorm1D/2D/3D`` are converted when they behave as their
+        base: no method, property or descriptor of their own that replaces one of the
+        base's (``forward``, ``train``, ``eval``, the statistics hooks, …) other than
+        ``__init__``, ``extra_repr``, ``__repr__`` and ``__str__``; refused otherwise
+        (``_ALLOWED_OVERRIDES``).
         Unlike Paddle, nothing of the caller's layers is renamed or otherwise changed.
 
         Returns:
@@ -451,9 +468,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
 
         Raises:
             TypeError: ``layer`` is not an ``nn.Module``, or ``process_group`` not a group.
-            ValueError: a subclass of ``BatchNorm1D/2D/3D`` overrides how it computes
-                (a SyncBatchNorm would silently compute something else); nothing was
-                changed then.
+            ValueError: a subclass of ``BatchNorm1D/2D/3D`` overrides how it behaves
+                (a SyncBatchNorm would silently compute something else), on the class or
+                the instance; nothing was changed then.
         """
         if not isinstance(layer, nn.Module):
             raise TypeError(
@@ -471,18 +488,23 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNormBase):
         """Whether ``layer`` is one to convert; raises for a subclass that computes otherwise."""
         if isinstance(layer, SyncBatchNorm) or not isinstance(layer, _CONVERTIBLE):
             return False
-        overridden = [name for name in _COMPUTING_METHODS
-                      if getattr(type(layer), name) is not getattr(_BatchNormBase, name)]
+        overridden = overridden_methods(type(layer), _STOCK, _ALLOWED_OVERRIDES, _STATE)
+        replaced = replaced_on_instance(layer, _STOCK)
         if overridden:
-            raise ValueError(
-                f"SyncBatchNorm.convert_sync_batchnorm cannot convert '{path or '<root>'}' "
-                f"({type(layer).__module__}.{type(layer).__qualname__}): the class overrides "
-                f"{', '.join(overridden)}, which a SyncBatchNorm would not run, so the model "
-                "would silently compute something else. Fix: replace that layer by a "
-                "SyncBatchNorm (or your own synchronized subclass) yourself. Nothing was "
-                "converted."
-            )
-        return True
+            problem = f"the class overrides {', '.join(overridden)}"
+        elif replaced:
+            problem = (f"the layer's {', '.join(replaced)} {'is' if len(replaced) == 1 else 'are'} "
+                       "replaced on the instance")
+        else:
+            return True
+        raise ValueError(
+            f"SyncBatchNorm.convert_sync_batchnorm cannot convert '{path or '<root>'}' "
+            f"({type(layer).__module__}.{type(layer).__qualname__}): {problem}, which a "
+            "SyncBatchNorm would not run, so the model would silently compute something "
+            "else (a subclass converts when it changes at most __init__, extra_repr, "
+            "__repr__ and __str__). Fix: replace that layer by a SyncBatchNorm (or your own "
+            "synchronized subclass) yourself. Nothing was converted."
+        )
 
     @classmethod
     def _convert_one(cls, layer: nn.Module, process_group: _comm.ProcessGroup | None,
