@@ -1,6 +1,6 @@
 """The quick set (`bash scripts/test.sh`, `pytest -m "not full"`) keeps its promise.
 
-Its patterns (tests/conftest.py) follow tests by name, so a renamed test would silently
+Its patterns (tests/quick_set.py) follow tests by name, so a renamed test would silently
 drop out of them: each pattern must still name a collected test, and the quick set must
 still hold a case of each basic promise.
 """
@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import conftest
+import quick_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,13 +29,13 @@ def _collected(*options: str) -> list[str]:
 
 def test_every_pattern_names_a_test_and_the_quick_set_keeps_each_promise() -> None:
     everything = _collected()
-    for pattern in (*conftest.FULL_ONLY, *conftest.QUICK_ALSO, *conftest.MATRIX_ALSO):
+    for pattern in (*quick_set.FULL_ONLY, *quick_set.QUICK_ALSO, *quick_set.MATRIX_ALSO):
         assert any(fnmatch.fnmatchcase(node, pattern) for node in everything), (
-            f"{pattern!r} names no test: rename it in tests/conftest.py with its test")
+            f"{pattern!r} names no test: rename it in tests/quick_set.py with its test")
 
     quick = set(_collected("-m", "not full"))
     assert quick < set(everything), "the quick set should leave the slow tests out"
-    for pattern in conftest.QUICK_ALSO:
+    for pattern in quick_set.QUICK_ALSO:
         assert any(fnmatch.fnmatchcase(node, pattern) for node in quick), pattern
     promises = {
         "exactness on 2 ranks": "tests/test_distributed.py::test_matches_batchnorm_on_global*",
