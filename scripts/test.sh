@@ -3,11 +3,11 @@
 #
 #   bash scripts/test.sh         the quick set, `pytest -m "not full"`: every module's basic
 #                                promise (exactness on 2 ranks, conversion, errors, the Paddle
-#                                flavour, one compile case, join, ...); ~3 minutes on 2 cores
+#                                flavour, one compile case, join, ...); 2-3 minutes on 2 cores
 #   bash scripts/test.sh --all   everything (what CI runs): the compile matrix, multi-host,
-#                                soak, the long fault matrix, CLI end-to-end runs; ~13 minutes
+#                                soak, the long fault matrix, CLI end-to-end runs; 7-12 minutes
 #
-# Which tests are `full` (only under --all): tests/conftest.py, FULL_ONLY and QUICK_ALSO.
+# Which tests are `full` (only under --all): tests/quick_set.py (FULL_ONLY, QUICK_ALSO).
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -k distributed`
 # or `bash scripts/test.sh --all tests/test_compile.py`.
 source "$(dirname "$0")/_setup.sh" "test,demo"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The oldest leg of the version matrix: the quick test set (`bash scripts/test.sh`'s:
 # core, distributed, conversion, errors, Paddle flavour, one compile case, join) and the
-# `matrix` tests (tests/conftest.py: compiled training with an empty rank) on the
+# `matrix` tests (tests/quick_set.py: compiled training with an empty rank) on the
 # oldest torch that pyproject.toml admits, on the oldest Python it admits: torch 2.10.0 on
 # Python 3.10, in its own venv $SYNCBN_OLDEST_VENV (default .venv-oldest; see
 # scripts/_matrix.sh). Extra arguments go to pytest, e.g. `bash scripts/test_oldest.sh -k compile`.
