@@ -316,14 +316,14 @@ _EXPONENTS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 def _inverse_powers(var_eps: Tensor) -> Tensor:
     """``[(σ² + eps)^(−1/2), (σ² + eps)^(−1)]`` as one (2, C) tensor, in one kernel."""
     if torch.compiler.is_compiling():  # no global tensor in a graph: a constant of its own
-        exponents = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
-        return torch.pow(var_eps.unsqueeze(0), exponents)
+        fresh = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
+        return torch.pow(var_eps.unsqueeze(0), fresh)
     where = (var_eps.dtype, var_eps.device)
-    exponents = _EXPONENTS.get(where)
-    if exponents is None:
-        exponents = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
-        _EXPONENTS[where] = exponents
-    return torch.pow(var_eps.unsqueeze(0), exponents)
+    cached = _EXPONENTS.get(where)
+    if cached is None:
+        cached = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
+        _EXPONENTS[where] = cached
+    return torch.pow(var_eps.unsqueeze(0), cached)
 
 
 def update_running_(running_mean: Tensor | None, running_var: Tensor | None, merged: Merged,

@@ -48,10 +48,14 @@ def count_kernels(step: Callable[[], Any], steps: int = 1) -> tuple[float, Count
 
     The ``syncbn::`` custom ops themselves are wrappers of their bodies (opened up).
     """
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    try:  # torch 2.10 warns unless events are kept (acc_events) past the cycle
+        prof = profile(activities=[ProfilerActivity.CPU], acc_events=True)
+    except TypeError:  # a torch without acc_events
+        prof = profile(activities=[ProfilerActivity.CPU])
+    with prof:
         for _ in range(steps):
             step()
-    events = prof.events()
+    events = prof.events()  # type: ignore[no-untyped-call]
     counted: Counter[str] = Counter()
     for event in events:
         if not _counts(event):
