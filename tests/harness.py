@@ -192,3 +192,31 @@ def close_all() -> None:
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
+
+
+@contextlib.contextmanager
+def merges_seen() -> Any:
+    """Record every merge of the core's statistics (``syncbn._step.merge``, the torch path,
+    and ``merge_on_host``, the CPU lean step's NumPy path) while the block runs: yields a
+    list of their results, each with ``mean``, ``inverse_powers`` (``[(σ² + eps)^(−½),
+    (σ² + eps)^(−1)]``, σ² biased), ``batch_var`` (the running variance's target) and
+    ``total`` (N)."""
+    from syncbn import _step
+
+    seen: list[Any] = []
+    originals = {name: getattr(_step, name) for name in ("merge", "merge_on_host")}
+
+    def spying(original: Callable[..., Any]) -> Callable[..., Any]:
+        def spy(*args: Any, **kwargs: Any) -> Any:
+            result = original(*args, **kwargs)
+            seen.append(result)
+            return result
+        return spy
+
+    for name, original in originals.items():
+        setattr(_step, name, spying(original))
+    try:
+        yield seen
+    finally:
+        for name, original in originals.items():
+            setattr(_step, name, original)

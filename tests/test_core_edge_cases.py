@@ -29,7 +29,7 @@ from torch import nn
 
 import harness
 import syncbn
-from syncbn import _comm, _step
+from syncbn import _comm
 from syncbn._comm import TIMEOUT_ENV
 
 GROUP_TIMEOUT_S = 3.0
@@ -161,34 +161,17 @@ def test_backward_skipped_on_one_rank_is_an_error_on_every_rank() -> None:
 # --- 2. float64 precision at large offsets ---------------------------------------------------
 
 
-def _spy_variances(seen: list[torch.Tensor]) -> Any:
-    """Record the biased global variance of every merge (``_step.merge``)."""
-    original = _step.merge
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        result = original(*args, **kwargs)
-        total = float(result.total)
-        seen.append(result.batch_var.double() * ((total - 1.0) / total))  # unbiased -> biased
-        return result
-
-    return original, spy
-
-
 def _train_variances(dtype: torch.dtype, mean: float, std: float, steps: int,
                      state: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
     layer = syncbn.SyncBatchNorm(4, dtype=dtype, process_group=_group(),
                                  timeout=LAYER_TIMEOUT_S)
     if state is not None:
         layer.load_state_dict(state)
-    seen: list[torch.Tensor] = []
-    original, spy = _spy_variances(seen)
-    _step.merge = spy
-    try:
+    with harness.merges_seen() as merges:
         for step in range(steps):
             layer(_shard(_offset_batch(step, dtype, mean, std)))
-    finally:
-        _step.merge = original
-    return seen
+    # the biased global variance of every merge, from the running variance's (unbiased) one
+    return [m.batch_var.double() * ((float(m.total) - 1.0) / float(m.total)) for m in merges]
 
 
 def _offset_batch(step: int, dtype: torch.dtype, mean: float, std: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 import harness
 import syncbn
-from syncbn import _comm, _policy, _step
+from syncbn import _comm, _policy
 from syncbn import paddle_compat as pnn
 from syncbn.cli.kernels import count_kernels
 
@@ -191,22 +191,12 @@ def _make(kind: str) -> nn.Module:
 def _offset_task(kind: str, steps: int, distributed: bool) -> dict[str, Any]:
     rank = dist.get_rank() if distributed else 0
     layer = _make(kind)
-    seen: list[torch.Tensor] = []
-    original = _step.merge
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        merged = original(*args, **kwargs)
-        seen.append(merged.inverse_powers[1].reciprocal())  # σ² + eps, biased
-        return merged
-
     outputs = []
-    _step.merge = spy  # type: ignore[assignment]
-    try:
+    with harness.merges_seen() as merges:
         for x in _offset_batches(steps):
             outputs.append(layer(x[_rows(rank)] if distributed else x).detach())
-    finally:
-        _step.merge = original  # type: ignore[assignment]
-    return {"var_eps": seen, "outputs": outputs}
+    # σ² + eps (σ² biased) of every merge
+    return {"var_eps": [m.inverse_powers[1].reciprocal() for m in merges], "outputs": outputs}
 
 
 def _check_offsets(results: list[dict[str, Any]], steps: int, eps: float,

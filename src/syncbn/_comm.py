@@ -40,6 +40,12 @@ from torch import Tensor
 from . import _policy
 from ._checks import MAX_TIMEOUT_S, MIN_TIMEOUT_S, timeout_hint
 
+_c10d: Any
+try:
+    from torch.distributed import distributed_c10d as _c10d
+except ImportError:  # a torch built without torch.distributed
+    _c10d = None
+
 ProcessGroup = Any
 """``torch.distributed.ProcessGroup`` (kept ``Any``: its stubs differ between torch releases)."""
 
@@ -120,9 +126,7 @@ def registered(process_group: ProcessGroup | None) -> bool:
     if process_group is None:
         return True
     try:
-        from torch.distributed import distributed_c10d
-
-        return process_group in distributed_c10d._world.pg_names
+        return process_group in _c10d._world.pg_names
     except (AttributeError, TypeError):  # another torch: resolve_group checks it instead
         return False
 
@@ -309,12 +313,31 @@ def step_key(layer: str, phase: str, channels: int, eps: float = 0.0, decay: flo
     return zlib.crc32(text.encode()) % (1 << STEP_KEY_BITS) + 1
 
 
+def env_settings() -> tuple[object, object]:
+    """The raw values of :data:`TIMEOUT_ENV` and :data:`DEBUG_ENV` (a layer's decisions
+    depend on them): read from ``os.environ``'s own mapping where it has one (no key
+    encoding: a tenth of ``os.environ.get``'s cost, every step), else through it."""
+    data = getattr(os.environ, "_data", None)
+    if isinstance(data, dict):
+        return data.get(_TIMEOUT_KEY), data.get(_DEBUG_KEY)
+    return os.environ.get(TIMEOUT_ENV), os.environ.get(DEBUG_ENV)
+
+
+_TIMEOUT_KEY = os.fsencode(TIMEOUT_ENV) if os.name != "nt" else TIMEOUT_ENV.upper()
+_DEBUG_KEY = os.fsencode(DEBUG_ENV) if os.name != "nt" else DEBUG_ENV.upper()
+
+
+def fold_key(key: int, data: Any) -> int:
+    """``key`` with the CRC of ``data`` (a C-contiguous buffer) folded in."""
+    return (key + zlib.crc32(data)) % (1 << STEP_KEY_BITS) + 1
+
+
 def fold_state(key: int, running_mean: Tensor | None) -> int:
     """``key`` with a CRC of the running mean folded in (CPU tensors: no kernel, no copy),
     so that ranks whose running statistics differ are out of step as well."""
     if running_mean is None or not _policy.host_reads(running_mean.device):
         return key
-    return (key + zlib.crc32(_policy.host_bytes(running_mean))) % (1 << STEP_KEY_BITS) + 1
+    return fold_key(key, _policy.host_bytes(running_mean))
 
 
 _broken_groups: list[ProcessGroup] = []
@@ -433,9 +456,7 @@ def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
 
 def _group_by_name(group_name: str) -> ProcessGroup:
     """The registered group of that name (how a group travels through a compiled graph)."""
-    from torch.distributed import distributed_c10d
-
-    return distributed_c10d._resolve_process_group(group_name)  # type: ignore[attr-defined, arg-type]
+    return _c10d._resolve_process_group(group_name)
 
 
 class JoinObserver(Protocol):
@@ -597,7 +618,8 @@ def agree_on_mode(process_group: ProcessGroup, group_name: str, site: CallSite, 
 
 def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str, call: int,
                     shape: tuple[int, ...] | list[int] | torch.Size, key: int,
-                    single_value_check: bool = False) -> tuple[float, float] | None:
+                    single_value_check: bool = False, host: Any = None
+                    ) -> tuple[float, float] | None:
     """Sum ``buffer`` (float64, ``[…, count, key]``, the key already written) over the group
     in place: the one collective of the core, in eager code.
 
@@ -607,7 +629,8 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
     settings), else the ranks are out of step. On accelerators nothing is read
     (``None`` is returned) except in debug mode, whose fingerprint exchange comes
     first, and for ``single_value_check`` (a rank whose own count is ≤ 1): torch's
-    error when the global count is 1.
+    error when the global count is 1. ``host`` is a NumPy view of ``buffer`` (CPU), from
+    which the tail is read without a tensor op.
 
     Raises:
         SyncBatchNormError: the collective failed, timed out (the group is then
@@ -625,11 +648,14 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
         agree_on_mode(process_group, group_name, site, phase, buffer.device, shown, shape_t)
     if site.debug:
         check_fingerprint(site, phase, process_group, buffer.device, shown, shape_t)
-    reads = _policy.host_reads(buffer.device)
+    reads = host is not None or _policy.host_reads(buffer.device)
     _all_reduce_sum(buffer, process_group, site, phase, shown, shape_t, reads)
     if not (reads or site.debug or single_value_check):
         return None
-    count, total = buffer[-2:].tolist()
+    if host is not None:
+        count, total = float(host[-2]), float(host[-1])
+    else:
+        count, total = buffer[-2:].tolist()
     if reads or site.debug:
         size = process_group.size()
         if total != size * key:

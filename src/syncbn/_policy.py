@@ -49,11 +49,15 @@ def force_accelerator_policy() -> Iterator[None]:
 
 
 def host_bytes(tensor: torch.Tensor) -> Any:
-    """The raw bytes of a contiguous CPU tensor as a buffer (for a CRC): a NumPy view when
-    NumPy is installed (no kernel, no copy), else the bytes of its ``tolist``."""
+    """The raw bytes of a CPU tensor as a buffer (for a CRC): a NumPy view when NumPy is
+    installed (no kernel, no copy for a contiguous tensor), else the bytes of its ``tolist``."""
     data = tensor.detach()
     try:
-        return data.view(torch.uint8).numpy()
+        try:
+            array = data.numpy()
+        except TypeError:  # bfloat16 has no NumPy dtype: its raw bytes
+            array = data.contiguous().view(torch.uint8).numpy()
+        return array if array.flags.c_contiguous else array.copy()
     except (ImportError, RuntimeError, TypeError):
         return repr(data.tolist()).encode()
 

@@ -2,116 +2,126 @@
 
 Everything that depends only on a layer's settings and the input's signature
 (shape, dtype, device, memory format, group, mode) is decided once and cached in a
-:class:`StepPlan`: the reduction dims, the local count, the statistics method, the
-step keys, the constant tails of the packed buffers. The steady-state step (eager,
-no mask, no in-place activation, at least 2 values per channel on this rank) then
-runs, per layer (CPU, float32, counted by ``syncbn.cli.kernels``):
+:class:`StepPlan`: the reduction dims, the local count, the step keys, the constant
+tails of the packed buffers, the views the step writes into. The steady-state step
+(eager, no mask, no in-place activation, at least 2 values per channel on this rank)
+then runs, per layer (CPU, float32, counted by ``syncbn.cli.kernels``):
 
 forward (17 kernels)::
 
     num_batches_tracked += 1                                                    1
     s = c·running_mean  (the shift, see shift_from_state)                       1
-    d = x − s;  (v, m) = var_mean(d);  pack [n·m, n·(v + m²), n, key] (float64)   4
+    d = x − s;  [Σd, Σd²] (two plain sums);  pack [Σd, Σd², n, key] (float64)     5
     all_reduce (2C + 2 float64; on CPU the count and key are read: no kernel)   1
     q = [S₁, S₂]/(N − 1);  q₂ ← q₂ − q₁²·(N − 1)/N (= σ²·N/(N − 1), clamped ≥ 0)  3
     [μ, σ² + eps] = [s, eps] + q·(N − 1)/N;  [invstd, invstd²] = (σ² + eps)^[−½, −1]  2
     R = w·[invstd, invstd²];  running_mean, running_var ← lerp(μ, q₂)            3
     y = (x − μ)·R₁ + β        (torch's inference batch-norm kernel)               1
 
-backward (8 kernels)::
+backward (6 kernels)::
 
     [Σdy, Σdy·x̂]  (torch's batch-norm backward reduction)                       1
-    pack [Σdy, Σdy·x̂, 0, key] (float64);  all_reduce                            3
-    [c', b] = −[Σdy, Σdy·x̂]·R/N                                                 2
+    pack [Σdy, Σdy·x̂, 0, key] (float64);  all_reduce                            2
+    [c', b] = −[Σdy, Σdy·x̂]·R/N                                                 1
     dx = (x − μ)·b + c' + R₁·dy   (inference kernel, then a multiply-add)         2
+
+Two plain sums of the deviations beat torch's statistics kernel at every size
+measured (20 against 40 µs on (4, 64, 8, 8), 0.8 against 3.1 ms on (8, 64, 56, 56)):
+the deviations from a shift near the mean lose nothing to cancellation, so a
+float32 sum (torch's is pairwise) keeps the variance to float32's precision.
 
 The shift ``s`` is a function of the layer's state alone (:func:`shift_from_state`),
 so every rank holds it bitwise alike and a resumed or unpickled layer continues
 bitwise; a layer whose state holds no usable mean (its first step, no running
 statistics, ``momentum=0``, the Paddle flavour, the functional form) exchanges
 one first (:func:`exchange_shift`: one more all-reduce of the same size).
+
+On CPU the host reads what it needs through NumPy views of the tensors (no kernel):
+the running mean's CRC for the step key, the collectives' tails, finiteness.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from . import _comm, _policy, _stats
 
-SMALL_NUMEL = 1 << 17
-"""Up to this many input values (CPU), torch's batch-norm statistics kernel takes the local
-moments (one kernel: 43 µs on (4, 64, 8, 8), against 144 µs for ``var_mean``'s Welford
-reduction and ~25 µs plus one more dispatch for two sums); above it, and on accelerators,
-two plain sums over the shifted input (0.38 ms on (8, 64, 56, 56) against 3.5 ms)."""
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class StepPlan:
-    """What one layer's training step does for one input signature (built once, cached)."""
+    """What one layer's training step does for one input signature (built once, cached).
+
+    Holds the constant tensors and views the step reads or writes: ``shift_eps`` is
+    rewritten (row 0, the shift) by every step that uses the plan, and read before
+    the step returns, so steps that share a plan (equal layers) must not interleave
+    (they do not: a step runs to its end on one thread).
+    """
 
     channels: int
     ndim: int
-    dims: tuple[int, ...]
+    dims: list[int]
     count: int  # local values per channel
     acc: torch.dtype
-    sums: bool  # two plain sums (large inputs) instead of var_mean
-    reads: bool  # host reads allowed (see _policy)
+    eps: float
+    reads: bool  # host reads allowed (see _policy): the O(C) work runs in NumPy
+    group_name: str
+    site: _comm.CallSite
     key_forward: int
     key_backward: int
-    tail_forward: Tensor  # [1, key] (var_mean) or [n, key] (sums) in the accumulation dtype
-    scale_forward: Tensor | None  # float64 [n]*2C + [n, 1]: turns means into sums (var_mean)
-    tail_backward: Tensor  # [0, key] in the accumulation dtype (keys < 2**20: exact)
+    shape_c: list[int]  # [1, C, 1, …]: a per-channel vector against the input
+    tail_forward: Tensor  # float64 [n, key]
+    tail_backward: Tensor  # float64 [0, key]
     ones: Tensor  # (C,) acc: the unit variance of the inference kernel
     shift_eps: Tensor  # (2, C) acc: row 0 the step's shift (written each step), row 1 eps
+    shift: Tensor  # shift_eps[0]
+    shift_view: Tensor  # shift_eps[0] viewed as shape_c
+    shift_host: Any  # a NumPy view of shift_eps[0] (CPU), else None
+    exponents: Tensor  # (2, 1) acc: [−½, −1]
     sixteen_bit: bool
-
-    def shape_c(self) -> list[int]:
-        return [1, self.channels, *([1] * (self.ndim - 2))]
 
 
 _plans: dict[tuple[Any, ...], StepPlan] = {}
 _MAX_PLANS = 512
 
 
-def plan_for(x: Tensor, site: _comm.CallSite, eps: float) -> StepPlan:
-    """The cached :class:`StepPlan` of this input signature and layer."""
-    signature = (tuple(x.shape), x.dtype, x.device, x.stride(), site, eps,
+def plan_for(x: Tensor, site: _comm.CallSite, eps: float, group_name: str) -> StepPlan:
+    """The cached :class:`StepPlan` of this input signature, layer and group."""
+    signature = (tuple(x.shape), x.dtype, x.device, x.stride(), site, eps, group_name,
                  _policy.host_reads(x.device))
     plan = _plans.get(signature)
     if plan is None:
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
-        plan = _build_plan(x, site, eps)
+        plan = _build_plan(x, site, eps, group_name)
         _plans[signature] = plan
     return plan
 
 
-def _build_plan(x: Tensor, site: _comm.CallSite, eps: float) -> StepPlan:
+def _build_plan(x: Tensor, site: _comm.CallSite, eps: float, group_name: str) -> StepPlan:
     channels, ndim = x.size(1), x.dim()
     count = _stats.local_count(x.shape)
     acc = _stats.acc_dtype(x.dtype)
     reads = _policy.host_reads(x.device)
-    sums = not reads or (x.numel() > SMALL_NUMEL and x.is_contiguous())
     key_f = _comm.step_key(site.layer, "forward", channels, site.eps, site.decay)
     key_b = _comm.step_key(site.layer, "backward", channels, site.eps, site.decay)
-    tail_f = torch.tensor([float(count) if sums else 1.0, float(key_f)], dtype=acc,
-                          device=x.device)
-    scale = None
-    if not sums:
-        scale = torch.full((2 * channels + 2,), float(count), dtype=torch.float64,
-                           device=x.device)
-        scale[-1] = 1.0
+    shape_c = [1, channels, *([1] * (ndim - 2))]
+    shift_eps = torch.full((2, channels), float(eps), dtype=acc, device=x.device)
     return StepPlan(
-        channels=channels, ndim=ndim, dims=tuple(_stats.reduce_dims(ndim)), count=count,
-        acc=acc, sums=sums, reads=reads, key_forward=key_f,
-        key_backward=key_b, tail_forward=tail_f, scale_forward=scale,
-        tail_backward=torch.tensor([0.0, float(key_b)], dtype=acc, device=x.device),
+        channels=channels, ndim=ndim, dims=_stats.reduce_dims(ndim), count=count, acc=acc,
+        eps=float(eps), reads=reads, group_name=group_name, site=site, key_forward=key_f,
+        key_backward=key_b, shape_c=shape_c,
+        tail_forward=torch.tensor([float(count), float(key_f)], dtype=torch.float64,
+                                  device=x.device),
+        tail_backward=torch.tensor([0.0, float(key_b)], dtype=torch.float64, device=x.device),
         ones=torch.ones(channels, dtype=acc, device=x.device),
-        shift_eps=torch.full((2, channels), float(eps), dtype=acc, device=x.device),
+        shift_eps=shift_eps, shift=shift_eps[0], shift_view=shift_eps[0].view(shape_c),
+        shift_host=shift_eps[0].numpy() if reads else None,
+        exponents=torch.tensor([[-0.5], [-1.0]], dtype=acc, device=x.device),
         sixteen_bit=x.dtype in (torch.float16, torch.bfloat16),
     )
 
@@ -144,7 +154,7 @@ def exchange_shift(x: Tensor, mask: Tensor | None, group_name: str | None,
 
 
 def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: float,
-                     cumulative: bool, out: Tensor) -> bool:
+                     cumulative: bool, out: Tensor, host: Any = None) -> bool:
     """Write the shift ``s`` into ``out`` from the layer's state; False where the state holds
     none (then :func:`exchange_shift`).
 
@@ -160,21 +170,35 @@ def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: floa
     the ``state_dict`` (``running_mean``, ``num_batches_tracked``), it is alike on
     every rank in step and continues bitwise after a resume. Non-finite values
     (a NaN batch poisoned the running mean) count as 0, so the batch statistics
-    stay those of the batch, as torch's: checked on the host where reads are allowed
-    (CPU: no kernel), else by one ``nan_to_num_``.
+    stay those of the batch, as torch's. ``host``, a NumPy view of ``out`` (CPU host
+    math, see :func:`host_math`), computes it there; otherwise one torch multiply,
+    checked on the host where reads are allowed, else by one ``nan_to_num_``.
     """
-    if running_mean is None or steps is None or steps < 2:
+    factor = _shift_factor(running_mean is not None, steps, decay, cumulative)
+    if factor is None:
         return False
-    if cumulative:
-        factor = 1.0
-    elif decay >= 1.0:
-        return False
-    else:
-        factor = 1.0 / (1.0 - decay ** (steps - 1))
+    assert running_mean is not None
+    if host is not None:
+        np.multiply(running_mean.detach().numpy(), factor, out=host, dtype=host.dtype)
+        if not np.isfinite(host).all():
+            np.nan_to_num(host, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return True
     torch.mul(running_mean, factor, out=out)
     if not _policy.host_reads(out.device) or not _policy.all_finite(out):
         out.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
     return True
+
+
+def host_math(device: torch.device, *tensors: Tensor | None) -> bool:
+    """Whether a step's O(C) work runs on the host in NumPy (:func:`_host_step`): eager CPU
+    code (see ``_policy``) whose parameters and running buffers NumPy can view (bfloat16
+    has no NumPy dtype). Every rank of a group decides alike, so all run the same merge
+    and hold bitwise identical statistics, whichever path their own batch takes."""
+    return (_policy.host_reads(device) and not torch.compiler.is_compiling()
+            and all(t is None or t.dtype in _HOST_DTYPES for t in tensors))
+
+
+_HOST_DTYPES = (torch.float32, torch.float64, torch.float16)
 
 
 def lean_applies(x: Tensor, mask: Tensor | None, inplace: bool, group_name: str | None) -> bool:
@@ -191,65 +215,204 @@ def lean_batch_norm(
     weight: Tensor | None, bias: Tensor | None, *, eps: float, decay: float,
     unbiased_var: bool, group_name: str, site: _comm.CallSite, call: int,
     num_batches_tracked: Tensor | None, cumulative: bool, steps: int | None,
-    update_running: bool,
+    update_running: bool, plan: StepPlan | None = None,
 ) -> Tensor:
-    """The steady-state synchronized training step (see the module docstring)."""
-    plan = plan_for(x, site, eps)
-    shift_eps = plan.shift_eps
-    s = shift_eps[0]
-    with torch.no_grad():
-        if not shift_from_state(running_mean, steps, decay, cumulative, s):
-            s.copy_(exchange_shift(x, None, group_name, site, call))
-        xd = x.detach()
-        tail, key = _tail(plan, running_mean)
-        # into an output laid out like the input: a broadcast subtraction on channels_last
-        # otherwise takes torch's slow path (1.9 ms against 0.2 ms on (8, 64, 56, 56))
-        d = torch.sub(xd, s.view(plan.shape_c()), out=torch.empty_like(xd, dtype=plan.acc))
-        packed = None
-        if not plan.sums:  # small CPU inputs: the moments of the deviations in one kernel
-            if plan.ndim > 2:  # torch's batch-norm statistics: Σ/n (an inf stays inf), and
-                # the biased variance, accumulated in float64 on CPU
-                mean_d, var = torch.batch_norm_update_stats(d, None, None, 0.0)
-            else:  # (N, C): var_mean is one kernel there (the statistics kernel two)
-                var, mean_d = torch.var_mean(d, 0, correction=0)
-            if plan.ndim > 2 or _policy.all_finite(mean_d):  # Welford's mean turns inf to NaN
-                second = torch.addcmul(var, mean_d, mean_d)  # Σd²/n
-                assert plan.scale_forward is not None
-                # [n·m, n·(v + m²), n, key] in float64 (the multiply promotes)
-                packed = torch.mul(torch.cat([mean_d, second, tail]), plan.scale_forward)
-        if packed is None:  # two plain reductions of the deviations
-            s1 = d.sum(plan.dims)
-            s2 = d.square_().sum(plan.dims)
-            if not plan.sums:
-                tail = tail * tail.new_tensor([float(plan.count), 1.0])
-            packed = torch.cat([s1, s2, tail]).double()
-        counts = _comm.reduce_checked_(packed, group_name, site, "forward", call, x.shape, key)
-        merged = merge(packed, shift_eps, counts, plan.acc, unbiased_var)
-        powers = merged.inverse_powers  # [invstd, invstd²]
-        scales = powers if weight is None else powers * weight.detach()
-        if update_running:
-            update_running_(running_mean, running_var, merged, decay,
-                            num_batches_tracked if cumulative else None, plan.acc)
-        mean = merged.mean
+    """The steady-state synchronized training step (see the module docstring); ``plan``:
+    this input's :class:`StepPlan`, if the caller holds it."""
+    if plan is None:
+        plan = plan_for(x, site, eps, group_name)
+    if host_math(x.device, weight, running_mean, running_var):
+        return _host_step(plan, x, running_mean, running_var, weight, bias, decay=decay,
+                          unbiased_var=unbiased_var, call=call,
+                          num_batches_tracked=num_batches_tracked, cumulative=cumulative,
+                          steps=steps, update_running=update_running)
+    key = plan.key_forward
+    state = None if running_mean is None else running_mean.detach()
+    if state is not None and plan.reads:  # ranks whose running means differ are out of step
+        key = _comm.fold_state(key, state)
+    if not shift_from_state(state, steps, decay, cumulative, plan.shift):
+        plan.shift.copy_(exchange_shift(x, None, group_name, site, call))
+    xd = x.detach()
+    # into an output laid out like the input: a broadcast subtraction on channels_last
+    # otherwise takes torch's slow path (1.9 ms against 0.2 ms on (8, 64, 56, 56))
+    d = torch.sub(xd, plan.shift_view, out=torch.empty_like(xd, dtype=plan.acc))
+    first = d.sum(plan.dims)
+    second = d.square_().sum(plan.dims)
+    packed = torch.empty(2 * plan.channels + 2, dtype=torch.float64, device=x.device)
+    torch.cat([first, second, plan.tail_forward], out=packed)  # [Σd, Σd², n, key]
+    host = None
+    if plan.reads:
+        host = packed.numpy()
+        host[-1] = key
+    counts = _comm.reduce_checked_(packed, group_name, site, "forward", call, x.shape, key,
+                                   host=host)
+    merged = merge(packed, plan.shift_eps, counts, plan.acc, unbiased_var, plan.exponents)
+    powers = merged.inverse_powers  # [invstd, invstd²]
+    scales = powers if weight is None else powers * weight.detach()
+    if update_running:
+        update_running_(running_mean, running_var, merged, decay,
+                        num_batches_tracked if cumulative else None, plan.acc)
     out: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, mean, powers[0], scales, plan, group_name, site, call,
-        merged.total)
+        x, weight, bias, merged.mean, powers[0], scales[0], scales,
+        (plan, call, merged.total, False))
     return out
 
 
-def _tail(plan: StepPlan, running_mean: Tensor | None) -> tuple[Tensor, int]:
-    """The forward tail and key; on CPU the running mean's CRC is folded into the key
-    (:func:`_comm.fold_state`, no kernel), so ranks whose running statistics differ are
-    out of step."""
-    if not plan.reads or running_mean is None:
-        return plan.tail_forward, plan.key_forward
-    key = _comm.fold_state(plan.key_forward, running_mean)
-    first = float(plan.count) if plan.sums else 1.0
-    return torch.tensor([first, float(key)], dtype=plan.acc), key
+
+def _host_step(
+    plan: StepPlan, x: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+    weight: Tensor | None, bias: Tensor | None, *, decay: float, unbiased_var: bool,
+    call: int, num_batches_tracked: Tensor | None, cumulative: bool, steps: int | None,
+    update_running: bool,
+) -> Tensor:
+    """The steady-state step on CPU: the input-sized work in torch's kernels, the O(C) work
+    on the host.
+
+    On CPU the host is the device, and a NumPy operation on a few hundred values costs
+    a fraction of a torch dispatch, so the shift, the packing, the merge, the
+    running-statistics update and (in backward) the gradient coefficients run in
+    NumPy, in float64, on views of the tensors; torch runs 6 kernels forward (the
+    deviations, two sums, the all-reduce, the normalization) and 4 backward. The
+    formulas are those of the torch path (:func:`merge`, :func:`update_running_`),
+    rounded once into the accumulation dtype. A running buffer written through NumPy
+    has its autograd version bumped, as an in-place torch op would.
+    """
+    channels = plan.channels
+    key = plan.key_forward
+    if running_mean is not None:  # ranks whose running means differ are out of step
+        state = running_mean.detach().numpy()
+        key = _comm.fold_key(key, state if state.flags.c_contiguous else state.copy())
+    if not shift_from_state(running_mean, steps, decay, cumulative, plan.shift,
+                            plan.shift_host):
+        plan.shift.copy_(exchange_shift(x, None, plan.group_name, plan.site, call))
+    xd = x.detach()
+    d = torch.sub(xd, plan.shift_view, out=torch.empty_like(xd, dtype=plan.acc))
+    first = d.sum(plan.dims)
+    second = d.square_().sum(plan.dims)
+    packed = torch.empty(2 * channels + 2, dtype=torch.float64)
+    host = packed.numpy()
+    host[:channels] = first.numpy()
+    host[channels:-2] = second.numpy()
+    host[-2] = plan.count
+    host[-1] = key
+    _comm.reduce_checked_(packed, plan.group_name, plan.site, "forward", call, x.shape, key,
+                          host=host)
+    merged = merge_on_host(host, plan.shift_host, plan.eps, unbiased_var,
+                           torch.empty((5, channels), dtype=plan.acc),
+                           None if weight is None else weight.detach().numpy())
+    if update_running:
+        update_on_host(running_mean, running_var, merged, decay,
+                       num_batches_tracked if cumulative else None)
+    mean, inv_std, scale, _, _ = merged.stats.unbind()
+    out: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, mean, inv_std, scale, merged.stats, (plan, call, merged.total, True))
+    return out
 
 
-@dataclass(frozen=True)
-class Merged:
+def _shift_factor(state: bool, steps: int | None, decay: float, cumulative: bool
+                  ) -> float | None:
+    """The factor of :func:`shift_from_state`'s bias correction, or ``None`` where the state
+    holds no usable mean."""
+    if not state or steps is None or steps < 2:
+        return None
+    if cumulative:
+        return 1.0
+    if decay >= 1.0:
+        return None
+    return 1.0 / (1.0 - decay ** (steps - 1))
+
+
+def count_on_host(num_batches_tracked: Tensor, recomputing: bool) -> int:
+    """``num_batches_tracked += 1`` (not in a checkpoint's recompute) through a NumPy view of
+    the CPU counter, its autograd version bumped as an in-place op would; returns the count."""
+    counter = num_batches_tracked.detach().numpy()
+    if not recomputing:
+        counter += 1
+        torch.autograd.graph.increment_version(num_batches_tracked)
+    return int(counter)
+
+
+class HostMerged(NamedTuple):
+    """:func:`merge_on_host`'s statistics (the attributes of :class:`Merged` are there too)."""
+
+    stats: Tensor  # (5, C), the accumulation dtype: [μ, invstd, a, −a/N, −a·invstd/N]
+    host_mean: Any  # float64 NumPy arrays: μ, σ² + eps (σ² biased), the running variance's
+    host_var_eps: Any  # target
+    host_batch_var: Any
+    total: float  # N
+    update: float  # 1.0 where the running statistics move (N > 1), else 0.0
+
+    @property
+    def mean(self) -> Tensor:
+        return self.stats[0]
+
+    @property
+    def inv_std(self) -> Tensor:
+        return self.stats[1]
+
+    @property
+    def inverse_powers(self) -> Tensor:  # float64, for whoever inspects a merge
+        return torch.from_numpy(np.stack([self.host_var_eps ** -0.5, 1.0 / self.host_var_eps]))
+
+    @property
+    def batch_var(self) -> Tensor:
+        return torch.from_numpy(self.host_batch_var)
+
+
+def merge_on_host(host: Any, shift: Any, eps: float, unbiased_var: bool, stats: Tensor,
+                  weight: Any) -> HostMerged:
+    """:func:`merge` in float64 NumPy (CPU host math): from ``host = [S₁, S₂, N, key]``
+    (a NumPy view of the summed packing) and the shift ``s`` (a NumPy array), writes
+    ``stats`` (a (5, C) CPU tensor in the accumulation dtype) with
+    ``[μ, invstd, a, −a/N, −a·invstd/N]``, ``a = weight·invstd`` (``weight`` a NumPy
+    array, or ``None``: 1); the last two rows times ``[Σdy, Σdy·x̂]`` are backward's
+    ``[c', b]`` (see :class:`LeanBatchNormFunction`).
+
+    With ``n = max(N, 1)``: ``μ = s + S₁/n``, ``σ² = max(S₂/n − (S₁/n)², 0)``,
+    ``invstd = (σ² + eps)^(−½)``; the running variance takes ``σ²·N/(N − 1)`` (or ``σ²``
+    with ``unbiased_var=False``), and moves only where ``N > 1``.
+    """
+    channels = shift.shape[0]
+    total = float(host[-2])
+    divisor = max(total, 1.0)
+    moments = host[:2 * channels].reshape(2, channels) / divisor  # [S₁/n, S₂/n]
+    var = moments[1] - moments[0] * moments[0]
+    np.maximum(var, 0.0, out=var)
+    mean = moments[0] + shift
+    var_eps = var + eps
+    inv_std = 1.0 / np.sqrt(var_eps)
+    scale = inv_std if weight is None else weight * inv_std
+    rows = stats.numpy()
+    rows[0] = mean
+    rows[1] = inv_std
+    rows[2] = scale
+    negative = scale * (-1.0 / divisor)
+    rows[3] = negative
+    rows[4] = negative * inv_std
+    batch_var = var * (total / (total - 1.0)) if unbiased_var and total > 1.0 else var
+    return HostMerged(stats, mean, var_eps, batch_var, total, 1.0 if total > 1.0 else 0.0)
+
+
+def update_on_host(running_mean: Tensor | None, running_var: Tensor | None,
+                   merged: HostMerged, decay: float, num_batches_tracked: Tensor | None) -> None:
+    """:func:`update_running_` in NumPy (CPU host math): ``running ← (1 − w)·running +
+    w·batch``, as torch's BatchNorm writes it (inf and NaN carried alike), with
+    ``w = 1 − decay`` (or ``1/num_batches_tracked``, the cumulative average), computed
+    in float64 and rounded once; where ``N > 1``. Each buffer's autograd version is
+    bumped, as an in-place torch op would."""
+    if merged.update == 0.0:
+        return
+    weight = 1.0 - decay
+    if num_batches_tracked is not None:
+        weight = 1.0 / max(_policy.host_int(num_batches_tracked), 1.0)
+    for running, batch in ((running_mean, merged.host_mean), (running_var, merged.host_batch_var)):
+        if running is not None:
+            values = running.detach().numpy()
+            values[...] = (1.0 - weight) * values + weight * batch
+            torch.autograd.graph.increment_version(running)
+
+
+class Merged(NamedTuple):
     """Global statistics in the accumulation dtype, from the summed packing."""
 
     mean: Tensor  # μ
@@ -264,10 +427,11 @@ class Merged:
 
 
 def merge(packed: Tensor, shift_eps: Tensor, counts: tuple[float, float] | None,
-          acc: torch.dtype, unbiased_var: bool) -> Merged:
+          acc: torch.dtype, unbiased_var: bool, exponents: Tensor | None = None) -> Merged:
     """μ, ``(σ² + eps)^[−½, −1]`` and the running-variance target from ``[S₁, S₂, N, key]``
     summed over the ranks (``S₁ = Σ(x − s)``, ``S₂ = Σ(x − s)²``); ``shift_eps`` is
-    ``[s, eps]`` (2, C).
+    ``[s, eps]`` (2, C); ``exponents`` the (2, 1) tensor ``[−½, −1]`` in ``acc``, if the
+    caller holds one.
 
     ``μ = s + S₁/N`` and ``σ² = S₂/N − (S₁/N)²``: the all-reduce form of Chan, Golub
     & LeVeque's merge, exact to ε·((μ − s)/σ)² relative (see ``_stats``). Written so
@@ -281,14 +445,17 @@ def merge(packed: Tensor, shift_eps: Tensor, counts: tuple[float, float] | None,
     channels = shift_eps.size(1)
     sums = packed[:2 * channels].view(2, channels)
     q = torch.empty((2, channels), dtype=acc, device=packed.device)
+    if exponents is None or torch.compiler.is_compiling():  # compiled: a constant of its own
+        exponents = torch.tensor([[-0.5], [-1.0]], dtype=acc, device=packed.device)
     if counts is not None and counts[0] >= 2:
         count = counts[0]
         ratio = (count - 1.0) / count
         torch.div(sums, count - 1.0, out=q)
-        q[1].addcmul_(q[0], q[0], value=-ratio).clamp_min_(0.0)
-        both = torch.add(shift_eps, q, alpha=ratio)  # [μ, σ² + eps]
-        batch_var = q[1] if unbiased_var else q[1] * ratio
-        return Merged(both[0], _inverse_powers(both[1]), batch_var, count, 1.0)
+        first, second = q.unbind()
+        second.addcmul_(first, first, value=-ratio).clamp_min_(0.0)
+        mean, var_eps = torch.add(shift_eps, q, alpha=ratio).unbind()  # [μ, σ² + eps]
+        batch_var = second if unbiased_var else second * ratio
+        return Merged(mean, torch.pow(var_eps, exponents), batch_var, count, 1.0)
     update: float | Tensor
     if counts is not None:
         total_host = counts[0]
@@ -303,27 +470,11 @@ def merge(packed: Tensor, shift_eps: Tensor, counts: tuple[float, float] | None,
         update = (total_t > 1).to(acc)
         total = total_t.to(acc)
     q[1].addcmul_(q[0], q[0], value=-1.0).clamp_min_(0.0)  # biased σ²
-    both = shift_eps + q  # [μ, σ² + eps]
+    mean, var_eps = (shift_eps + q).unbind()  # [μ, σ² + eps]
     batch_var = q[1]
     if unbiased_var and isinstance(divisor, Tensor):
         batch_var = q[1] * (divisor / (divisor - 1.0).clamp_min(1.0)).to(acc)
-    return Merged(both[0], _inverse_powers(both[1]), batch_var, total, update)
-
-
-_EXPONENTS: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-
-def _inverse_powers(var_eps: Tensor) -> Tensor:
-    """``[(σ² + eps)^(−1/2), (σ² + eps)^(−1)]`` as one (2, C) tensor, in one kernel."""
-    if torch.compiler.is_compiling():  # no global tensor in a graph: a constant of its own
-        fresh = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
-        return torch.pow(var_eps.unsqueeze(0), fresh)
-    where = (var_eps.dtype, var_eps.device)
-    cached = _EXPONENTS.get(where)
-    if cached is None:
-        cached = torch.tensor([[-0.5], [-1.0]], dtype=var_eps.dtype, device=var_eps.device)
-        _EXPONENTS[where] = cached
-    return torch.pow(var_eps.unsqueeze(0), cached)
+    return Merged(mean, torch.pow(var_eps, exponents), batch_var, total, update)
 
 
 def update_running_(running_mean: Tensor | None, running_var: Tensor | None, merged: Merged,
@@ -331,10 +482,13 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
     """``running ← (1 − w)·running + w·batch`` with ``w = 1 − decay`` (or
     ``1/num_batches_tracked`` for the cumulative average), where ``N > 1``.
 
-    Where host reads are allowed and every value involved is finite (checked on the
-    host, no kernel), one ``lerp_`` per buffer, equal to the blend up to rounding;
-    otherwise the blend itself, two ops per buffer, which carries inf and NaN exactly
-    as torch's BatchNorm does (``lerp`` turns ``inf`` into NaN).
+    Where host reads are allowed, ``w < ½`` and the running buffers are finite
+    (checked on the host, no kernel), one ``lerp_`` per buffer, equal to the blend up
+    to rounding (``lerp`` computes ``r + w·(b − r)`` for ``w < ½``, which carries an
+    inf or NaN batch value as the blend does); otherwise the blend itself, two ops
+    per buffer, which carries inf and NaN exactly as torch's BatchNorm does (``lerp``
+    turns an infinite running value into NaN, and so does its ``w ≥ ½`` form an
+    infinite batch value).
     """
     if isinstance(merged.update, float) and merged.update == 0.0:
         return
@@ -347,23 +501,21 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
         weight = 1.0 - decay
     if isinstance(merged.update, Tensor):
         weight = merged.update * weight
-    pairs = [(running, batch) for running, batch in ((running_mean, merged.mean),
-                                                     (running_var, merged.batch_var))
-             if running is not None]
-    lerp = (isinstance(weight, float) and _policy.host_reads(merged.mean.device)
-            and _policy.all_finite(*[t for pair in pairs for t in pair]))
-    for running, batch in pairs:
-        if lerp:
-            running.lerp_(batch.to(running.dtype), weight)
-        elif isinstance(weight, float):
-            running.mul_(1.0 - weight).add_(batch.to(running.dtype), alpha=weight)
+    runs, batches = [], []
+    for running, batch in ((running_mean, merged.mean), (running_var, merged.batch_var)):
+        if running is not None:
+            runs.append(running)
+            batches.append(batch if batch.dtype == running.dtype else batch.to(running.dtype))
+    if (isinstance(weight, float) and weight < 0.5 and _policy.host_reads(merged.mean.device)
+            and _policy.all_finite(*runs)):
+        torch._foreach_lerp_(runs, batches, weight)
+        return
+    for running, batch in zip(runs, batches, strict=True):
+        if isinstance(weight, float):
+            running.mul_(1.0 - weight).add_(batch, alpha=weight)
         else:
             step = weight.to(running.dtype)
-            running.mul_(1.0 - step).addcmul_(batch.to(running.dtype), step)
-
-
-def _weight_as(weight: float | Tensor, like: Tensor) -> float | Tensor:
-    return weight if isinstance(weight, float) else weight.to(like.dtype)
+            running.mul_(1.0 - step).addcmul_(batch, step)
 
 
 def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prime: Tensor,
@@ -375,7 +527,7 @@ def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prim
     float32, rounded once (``a·dy`` and ``b·x + c`` rounded apart cancel badly when
     ``dy`` is mostly a per-channel constant plus a multiple of x̂).
     """
-    shape = plan.shape_c()
+    shape = plan.shape_c
     if plan.sixteen_bit:
         c = torch.addcmul(c_prime, b, mean, value=-1.0)
         out = torch.addcmul(c.view(shape), x, b.view(shape))
@@ -402,49 +554,62 @@ class LeanBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                mean: Tensor, inv_std: Tensor, scales: Tensor, plan: StepPlan,
-                group_name: str, site: _comm.CallSite, call: int,
-                total: float | Tensor) -> Tensor:
-        ctx.plan, ctx.group_name, ctx.site, ctx.call = plan, group_name, site, call
-        ctx.total = total  # the forward's global count: a host float (CPU) or a tensor
-        ctx.shape = tuple(x.shape)
+                mean: Tensor, inv_std: Tensor, scale: Tensor, coefficients: Tensor,
+                meta: tuple[StepPlan, int, float | Tensor, bool]) -> Tensor:
+        """``scale`` is ``a``; the last two rows of ``coefficients`` are ``[a, a·invstd]``,
+        or ``−[a, a·invstd]/N`` with host math (:func:`merge_on_host`); ``meta`` is the
+        plan, the call count, the forward's global count N (a host float on CPU, a
+        tensor on accelerators) and whether the step runs its O(C) work on the host."""
+        plan = meta[0]
+        ctx.meta = meta
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, mean, inv_std, scales)
+        ctx.save_for_backward(x, mean, inv_std, scale, coefficients)
         if bias is not None and bias.dtype != plan.acc:  # a 16-bit layer: the kernel wants acc
             bias = bias.to(plan.acc)
-        return torch.batch_norm(x, scales[0], bias, mean, plan.ones, False, 0.0, 0.0, False)
+        return torch.batch_norm(x, scale, bias, mean, plan.ones, False, 0.0, 0.0, False)
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        site: _comm.CallSite = ctx.site
+        plan, call, total, on_host = ctx.meta
         if torch.is_grad_enabled():
             from ._autograd import double_backward_error
 
-            raise double_backward_error(site.layer)
-        x, mean, inv_std, scales = ctx.saved_tensors
-        plan: StepPlan = ctx.plan
+            raise double_backward_error(plan.site.layer)
+        x, mean, inv_std, scale, coefficients = ctx.saved_tensors
         channels = plan.channels
         # unit weight: the sums do not depend on it, and without one the 2-D kernel builds it
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, plan.ones, None, None, mean, inv_std, True, 0.0, [False, True, True])
-        packed = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward]).double()
-        _comm.reduce_checked_(packed, ctx.group_name, site, "backward", ctx.call, ctx.shape,
-                              plan.key_backward)
-        sums = packed[:2 * channels].view(2, channels)
+        packed = torch.empty(2 * channels + 2, dtype=torch.float64, device=x.device)
         coeffs = torch.empty((2, channels), dtype=plan.acc, device=x.device)
-        total = ctx.total
-        if isinstance(total, float):
-            torch.mul(sums, -1.0 / total, out=coeffs)
+        if on_host:  # packed, read and combined on the host (see _host_step)
+            host = packed.numpy()
+            host[:channels] = sum_dy.numpy()
+            host[channels:-2] = sum_dy_xhat.numpy()
+            host[-2] = 0.0
+            host[-1] = plan.key_backward
+            _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
+                                  x.shape, plan.key_backward, host=host)
+            np.multiply(host[:2 * channels].reshape(2, channels), coefficients.numpy()[-2:],
+                        out=coeffs.numpy(), casting="same_kind")
         else:
-            torch.div(sums, -total, out=coeffs)
-        coeffs.mul_(scales)
+            torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward], out=packed)
+            _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
+                                  x.shape, plan.key_backward,
+                                  host=packed.numpy() if plan.reads else None)
+            torch.div(packed[:2 * channels].view(2, channels), -total, out=coeffs)
+            coeffs.mul_(coefficients)
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_input = input_grad(x, dy, mean, scales[0], coeffs[1], coeffs[0], plan)
+            c_prime, b = coeffs.unbind()
+            grad_input = input_grad(x, dy, mean, scale, b, c_prime, plan)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xhat.to(ctx.weight_dtype)
+            weight_dtype = ctx.weight_dtype
+            grad_weight = (sum_dy_xhat if sum_dy_xhat.dtype == weight_dtype
+                           else sum_dy_xhat.to(weight_dtype))
         if ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(ctx.bias_dtype)
-        return (grad_input, grad_weight, grad_bias, *(None,) * 8)
+            bias_dtype = ctx.bias_dtype
+            grad_bias = sum_dy if sum_dy.dtype == bias_dtype else sum_dy.to(bias_dtype)
+        return (grad_input, grad_weight, grad_bias, None, None, None, None, None)

@@ -243,7 +243,7 @@ def effective_shift(running_mean: Tensor | None, num_batches_tracked: Tensor | N
 def _shift(input: Tensor, mask: Tensor | None, running_mean: Tensor | None,
            num_batches_tracked: Tensor | None, decay: float, cumulative: bool,
            steps: int | None, group_name: str | None, site: _comm.CallSite | None,
-           call: int) -> Tensor:
+           call: int, on_host: bool) -> Tensor:
     """The point every rank takes its moments about (accumulation dtype), by one rule.
 
     Eager code: the layer's state (:func:`_step.shift_from_state`), else one exchange
@@ -262,7 +262,8 @@ def _shift(input: Tensor, mask: Tensor | None, running_mean: Tensor | None,
             return torch.zeros(input.size(1), dtype=acc, device=input.device)
         return point.to(acc)
     out = torch.empty(input.size(1), dtype=acc, device=input.device)
-    if _step.shift_from_state(running_mean, steps, decay, cumulative, out):
+    if _step.shift_from_state(running_mean, steps, decay, cumulative, out,
+                              out.numpy() if on_host else None):
         return out
     return _step.exchange_shift(input, mask, group_name, site, call)
 
@@ -330,19 +331,26 @@ def synchronized_batch_norm(
             update_running=(running_mean is not None or running_var is not None)
             and not is_recomputing(),
         )
+    # CPU eager code merges on the host, as the lean step does (every rank alike)
+    on_host = _step.host_math(input.device, weight, running_mean, running_var)
     point = _shift(input, mask, running_mean, num_batches_tracked, decay, cumulative, steps,
-                   group_name, site, call)
+                   group_name, site, call, on_host)
     packed, ident = global_moments(input, mask, point.double(), group_name, site, call,
                                    single_value, state=running_mean)
     acc = _stats.acc_dtype(input.dtype)
     channels = input.size(1)
     compiling = torch.compiler.is_compiling()
-    counts = None
-    if not compiling and _policy.host_reads(packed.device):
-        tail = packed[-2:].tolist()
-        counts = (tail[0], tail[1])
-    shift_eps = torch.stack([point, torch.full_like(point, float(eps))])
-    merged = _step.merge(packed, shift_eps, counts, acc, unbiased_var)
+    merged: _step.Merged | _step.HostMerged
+    if on_host:
+        merged = _step.merge_on_host(packed.numpy(), point.numpy(), eps, unbiased_var,
+                                     torch.empty((5, channels), dtype=acc), None)
+    else:
+        counts = None
+        if not compiling and _policy.host_reads(packed.device):
+            tail = packed[-2:].tolist()
+            counts = (tail[0], tail[1])
+        shift_eps = torch.stack([point, torch.full_like(point, float(eps))])
+        merged = _step.merge(packed, shift_eps, counts, acc, unbiased_var)
     count = packed[2 * channels:2 * channels + 1]
     # Function.apply is untyped in torch's stubs
     out: Tensor = SyncBatchNormFunction.apply(  # type: ignore[no-untyped-call]
@@ -351,7 +359,10 @@ def synchronized_batch_norm(
     )
     if running_mean is not None or running_var is not None:
         tracked = num_batches_tracked if cumulative else None
-        if compiling or not runs_op_body_directly(running_mean, running_var):
+        if isinstance(merged, _step.HostMerged):
+            if not is_recomputing():
+                _step.update_on_host(running_mean, running_var, merged, decay, tracked)
+        elif compiling or not runs_op_body_directly(running_mean, running_var):
             update_running_stats_(running_mean, running_var, merged.mean, merged.batch_var,
                                   count, decay, tracked)
         elif not is_recomputing():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,8 +31,7 @@ class _FastPath:
     changes (``SyncBatchNorm._fast_key``)."""
 
     key: tuple[object, ...]
-    site: _comm.CallSite
-    group_name: str
+    plan: _step.StepPlan
     decay: float
     cumulative: bool
 
@@ -218,44 +216,56 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         if (not self.training or type(input) is not Tensor or torch.compiler.is_compiling()
                 or torch._C._len_torch_dispatch_stack() > 0):
             return None
-        weight, running_mean = self.weight, self.running_mean
+        weight = self._parameters.get("weight")
+        running_mean = self._buffers.get("running_mean")
+        group = self.process_group
         return (input.shape, input.dtype, input.device, input.stride(), self.momentum,
-                self.eps, self.process_group, _comm.default_group(),
-                _comm.registered(self.process_group), self.timeout, self.debug,
-                self._syncbn_name, self.track_running_stats, self.inplace, self.activation,
-                None if weight is None else weight.dtype,
+                self.eps, group, _comm.default_group(), _comm.registered(group), self.timeout,
+                self.debug, self._syncbn_name, self.track_running_stats, self.inplace,
+                self.activation, None if weight is None else weight.dtype,
                 None if running_mean is None else running_mean.dtype,
-                self.__dict__.get(GROUP_LOST_ATTRIBUTE, False),
-                os.environ.get(_comm.TIMEOUT_ENV), os.environ.get(_comm.DEBUG_ENV))
+                self.__dict__.get(GROUP_LOST_ATTRIBUTE, False), _comm.env_settings())
 
     def _plan_fast(self, input: Tensor, key: tuple[object, ...], site: _comm.CallSite,
                    momentum: float | None) -> _FastPath | None:
         """The steady-state path of this signature, where the lean core runs (see ``_step``)."""
         group = _comm.resolve_group(self.process_group)
-        if group is None or local_fallback_applies(group) or not _step.lean_applies(
-                input, None, False, str(group.group_name)):
+        if group is None or local_fallback_applies(group):
             return None
-        return _FastPath(key, site, str(group.group_name),
-                         1.0 - (0.0 if momentum is None else momentum), momentum is None)
+        group_name = str(group.group_name)
+        if not _step.lean_applies(input, None, False, group_name):
+            return None
+        plan = _step.plan_for(input, site, self.eps, group_name)
+        return _FastPath(key, plan, 1.0 - (0.0 if momentum is None else momentum),
+                         momentum is None)
 
     def _forward_fast(self, input: Tensor, fast: _FastPath) -> Tensor:
         """A training step of a signature seen before: its checks passed then and nothing they
         depend on changed (:meth:`_fast_key`), so only the step itself runs."""
-        counter = self.num_batches_tracked
+        buffers, params, attributes = self._buffers, self._parameters, self.__dict__
+        counter = buffers.get("num_batches_tracked")
         tracked = self.track_running_stats and counter is not None
-        if counter is not None and tracked:
-            count_step_(counter)
-        call = self._syncbn_calls
         recomputing = is_recomputing()
-        if not recomputing:
-            self._syncbn_calls += 1
+        call = attributes["_syncbn_calls"]
+        if not recomputing:  # module attributes set through __dict__: Module.__setattr__
+            attributes["_syncbn_calls"] = call + 1  # costs more than the step's kernels
+        steps = None
+        plan = fast.plan
+        if tracked:
+            assert counter is not None
+            if plan.reads:  # CPU: counted and read on the host
+                steps = _step.count_on_host(counter, recomputing)
+            else:
+                if not recomputing:
+                    counter.add_(1)
+                steps = self._steps()
         out = _step.lean_batch_norm(
-            input, self.running_mean if tracked else None, self.running_var if tracked else None,
-            self.weight, self.bias, eps=self.eps, decay=fast.decay, unbiased_var=True,
-            group_name=fast.group_name, site=fast.site, call=call,
-            num_batches_tracked=self.num_batches_tracked if tracked else None,
-            cumulative=fast.cumulative, steps=self._steps() if tracked else None,
-            update_running=tracked and not recomputing,
+            input, buffers.get("running_mean") if tracked else None,
+            buffers.get("running_var") if tracked else None, params.get("weight"),
+            params.get("bias"), eps=self.eps, decay=fast.decay, unbiased_var=True,
+            group_name=plan.group_name, site=plan.site, call=call,
+            num_batches_tracked=counter if tracked else None, cumulative=fast.cumulative,
+            steps=steps, update_running=tracked and not recomputing, plan=plan,
         )
         return self.activation.apply(out)
 
@@ -267,7 +277,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         along, so no step reads the device (see ``syncbn._policy``). ``None`` under
         compile (the compiled shift reads the count on the device).
         """
-        counter = self.num_batches_tracked
+        counter = self._buffers.get("num_batches_tracked")
         if counter is None or counter.is_meta or torch.compiler.is_compiling():
             return None
         if _policy.host_reads(counter.device):
@@ -277,7 +287,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             if mirror is None:
                 mirror = _policy.host_int(counter) - 1  # one host read; this step counted below
             steps = mirror if is_recomputing() else mirror + 1
-        self._syncbn_steps = steps
+        self.__dict__["_syncbn_steps"] = steps
         return steps
 
     def reset_running_stats(self) -> None:
