@@ -58,11 +58,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .. import _autograd, _comm, _stats
+from .. import _comm, _stats, _step
 from ..functional import call_site
 from ..modules import SyncBatchNorm
 from . import launch as _launch
@@ -563,78 +564,102 @@ def _timed(fn: Callable[[], object], iters: int, group: Any,
 
 def _profile_pieces(layer: SyncBatchNorm, x: Tensor, dy: Tensor, iters: int,
                     group: Any) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """The core's steps timed one by one, and torch's training BN kernels beside them.
+    """The lean step's pieces (:mod:`syncbn._step`) timed one by one, and torch's training
+    BN kernels beside them.
 
-    Each piece calls the functions :class:`syncbn._autograd.SyncBatchNormFunction`
-    calls, in its order, on the same kind of arguments, so the profile follows the
-    layer's real code path (16-bit inputs included):
+    Each piece calls what the CPU step calls, in its order, on the same kind of
+    arguments (a float32 layer; 16-bit inputs included):
 
-    - ``fwd_local_moments``: :func:`_stats.local_moments` (torch's statistics kernel
-      with float32 scratch buffers where :func:`_stats.torch_stats_kernel_applies`,
-      else two reductions) and :func:`_stats.pack_local_moments`;
-    - ``fwd_all_reduce``: :func:`_comm.all_reduce_checked` (``2C + 2`` float64 values:
-      the moments, the count and the step key, whose sum is read back and checked on CPU);
-    - ``fwd_merge_stats``: :func:`_stats.merge_global_moments`, the running-statistics
-      update (:func:`_stats.update_running_stats`, on scratch buffers), ``μ`` and
-      ``invstd`` in the accumulation dtype;
-    - ``fwd_normalize``: :func:`_autograd.normalize` (torch's inference BN kernel);
-    - ``bwd_grad_sums``: :func:`_autograd.local_grad_sums` (torch's backward
-      reduction kernel) and the float64 packing of ``[Σdy, Σdy·x̂]``;
-    - ``bwd_all_reduce``: :func:`_comm.all_reduce_checked` (``2C + 2`` float64 values);
-    - ``bwd_dx``: :func:`_stats.input_grad_coefficients` and :func:`_autograd.input_grad`
-      (one affine pass plus a multiply-add in float32/float64, two affine passes for
-      16-bit inputs).
+    - ``fwd_local_moments``: the deviations from the shift, their two sums and the
+      float64 packing ``[Σd, Σd², n, key]`` (NumPy);
+    - ``fwd_all_reduce``: :func:`_comm.reduce_checked_` (``2C + 2`` float64 values, the
+      tail read and checked on the host);
+    - ``fwd_merge_stats``: :func:`_step.merge_on_host` and the running-statistics update
+      :func:`_step.update_on_host` (on scratch buffers);
+    - ``fwd_normalize``: torch's inference BN kernel with the global statistics;
+    - ``bwd_grad_sums``: torch's backward reduction kernel and the float64 packing;
+    - ``bwd_all_reduce``: :func:`_comm.reduce_checked_` (``2C + 2`` float64 values);
+    - ``bwd_dx``: the coefficients (NumPy) and :func:`_step.input_grad`.
 
     ``fwd_*`` and ``bwd_*`` add up to syncbn's step minus the module's and autograd's
     Python overhead; ``torch_fwd``/``torch_bwd`` are torch's training batch-norm
     kernels (the floor). Returns wall and CPU milliseconds per call, by piece.
     """
     xd = x.detach()
+    channels = layer.num_features
     eps = layer.eps
     weight = layer.weight.detach()
     bias = layer.bias.detach()
-    site = call_site(xd, layer.layer_name, layer.timeout, layer.debug)
+    site = call_site(xd, layer.layer_name, layer.timeout, layer.debug, eps=eps, decay=0.9)
     name = str(group.group_name)
-    moments = _stats.local_moments(xd)
-    packed = _stats.pack_local_moments(moments)
-    reduced = _comm.all_reduce_checked(packed, name, site, "forward", 0, xd.shape)
-    stats = _stats.merge_global_moments(reduced)
-    acc = _stats.acc_dtype(xd.dtype)
-    mean = stats.mean.to(acc)
-    inv_std = _stats.invstd(stats.var, eps).to(acc)
-    sums = _autograd.local_grad_sums(dy, xd, mean, inv_std)
-    grad_packed = torch.cat([sums.sum_dy, sums.sum_dy_xhat, sums.sum_dy.new_zeros(2)]).double()
-    scratch_mean = torch.zeros(layer.num_features)
-    scratch_var = torch.ones(layer.num_features)
+    plan = _step.plan_for(xd, site, eps, name)
+    plan.shift.copy_(xd.transpose(0, 1).reshape(channels, -1)[:, 0])  # a shift near the data
+    key_f, key_b = plan.key_forward, plan.key_backward
 
-    def fwd_local_moments() -> object:
-        return _stats.pack_local_moments(_stats.local_moments(xd))
+    def fwd_local_moments() -> Tensor:
+        d = torch.sub(xd, plan.shift_view, out=torch.empty_like(xd, dtype=plan.acc))
+        first = d.sum(plan.dims)
+        second = d.square_().sum(plan.dims)
+        packed = torch.empty(2 * channels + 2, dtype=torch.float64)
+        host = packed.numpy()
+        host[:channels] = first.numpy()
+        host[channels:-2] = second.numpy()
+        host[-2:] = (plan.count, key_f)
+        return packed
+
+    forward_packed = fwd_local_moments()
 
     def fwd_all_reduce() -> object:
-        return _comm.all_reduce_checked(packed, name, site, "forward", 0, xd.shape)
+        packed = forward_packed.clone()
+        return _comm.reduce_checked_(packed, name, site, "forward", 0, xd.shape, key_f,
+                                     host=packed.numpy())
 
-    def fwd_merge_stats() -> object:
-        merged = _stats.merge_global_moments(reduced)
-        _stats.update_running_stats(scratch_mean, scratch_var, merged, 0.9, True)
-        return merged.mean.to(acc), _stats.invstd(merged.var, eps).to(acc)
+    reduced = forward_packed.clone()
+    fwd_all_reduce()
+    _comm.reduce_checked_(reduced, name, site, "forward", 0, xd.shape, key_f,
+                          host=reduced.numpy())
+    scratch_mean = torch.zeros(channels)
+    scratch_var = torch.ones(channels)
+
+    def fwd_merge_stats() -> _step.HostMerged:
+        merged = _step.merge_on_host(reduced.numpy(), plan.shift_host, eps, True,
+                                     torch.empty((5, channels), dtype=plan.acc),
+                                     weight.numpy())
+        _step.update_on_host(scratch_mean, scratch_var, merged, 0.9, None)
+        return merged
+
+    stats = fwd_merge_stats().stats
+    mean, inv_std, scale = stats[0], stats[1], stats[2]
 
     def fwd_normalize() -> object:
-        return _autograd.normalize(xd, mean, inv_std, weight, bias)
+        return torch.batch_norm(xd, scale, bias, mean, plan.ones, False, 0.0, 0.0, False)
 
-    def bwd_grad_sums() -> object:
-        local = _autograd.local_grad_sums(dy, xd, mean, inv_std)
-        return torch.cat([local.sum_dy, local.sum_dy_xhat, local.sum_dy.new_zeros(2)]).double()
+    def bwd_grad_sums() -> Tensor:
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, xd, plan.ones, None, None, mean, inv_std, True, 0.0, [False, True, True])
+        packed = torch.empty(2 * channels + 2, dtype=torch.float64)
+        host = packed.numpy()
+        host[:channels] = sum_dy.numpy()
+        host[channels:-2] = sum_dy_xhat.numpy()
+        host[-2:] = (0.0, key_b)
+        return packed
+
+    backward_packed = bwd_grad_sums()
 
     def bwd_all_reduce() -> object:
-        return _comm.all_reduce_checked(grad_packed, name, site, "backward", 0, xd.shape)
+        packed = backward_packed.clone()
+        return _comm.reduce_checked_(packed, name, site, "backward", 0, xd.shape, key_b,
+                                     host=packed.numpy())
 
     def bwd_dx() -> object:
-        global_sums = _stats.GradSums(*grad_packed[:-2].to(mean.dtype).chunk(2))
-        a, b, c = _stats.input_grad_coefficients(global_sums, stats.count, mean, inv_std, weight)
-        return _autograd.input_grad(xd, dy, a, b, c)
+        coeffs = torch.empty((2, channels), dtype=plan.acc)
+        np.multiply(backward_packed.numpy()[:2 * channels].reshape(2, channels),
+                    stats.numpy()[-2:], out=coeffs.numpy(), casting="same_kind")
+        c_prime, b = coeffs.unbind()
+        return _step.input_grad(xd, dy, mean, scale, b, c_prime, plan)
 
-    running_mean = torch.zeros(layer.num_features)
-    running_var = torch.ones(layer.num_features)
+    running_mean = torch.zeros(channels)
+    running_var = torch.ones(channels)
     _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
         xd, weight, bias, running_mean, running_var, True, 0.1, eps)
 
