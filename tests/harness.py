@@ -220,3 +220,25 @@ def merges_seen() -> Any:
     finally:
         for name, original in originals.items():
             setattr(_step, name, original)
+
+
+def core_merges(packed: Any, acc: Any = None) -> list[tuple[float, Any, Any]]:
+    """``(N, μ, σ²)`` (σ² biased, float64) from one summed packing ``[S₁, S₂, N, key]``
+    (shift 0) by each of the core's merges: ``syncbn._step.merge`` (the torch path, N a
+    device tensor as on accelerators, and a host float as on CPU) and
+    ``merge_on_host`` (NumPy, CPU)."""
+    import torch
+
+    from syncbn import _step
+
+    acc = acc or torch.float64
+    channels = (packed.numel() - 2) // 2
+    out = []
+    host = _step.merge_on_host(packed.numpy(), torch.zeros(channels, dtype=acc).numpy(), 1.0,
+                               False, torch.empty((5, channels), dtype=acc), None)
+    out.append((host.total, torch.from_numpy(host.host_mean), host.batch_var))
+    shift_eps = torch.zeros((2, channels), dtype=acc)
+    for counts in (None, (float(packed[-2]), float(packed[-1]))):
+        merged = _step.merge(packed, shift_eps, counts, acc, False)
+        out.append((float(merged.total), merged.mean.double(), merged.batch_var.double()))
+    return out

@@ -13,6 +13,7 @@ The oracle is the formula by autograd in float64 on the concatenated global batc
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -34,7 +35,8 @@ KERNEL_BUDGET = 25
 # --- kernels per layer-step --------------------------------------------------------------------
 
 
-def _chain_kernels(kind: str, shape: tuple[int, ...], layers: int) -> float:
+def _chain_kernels(kind: str, shape: tuple[int, ...], layers: int,
+                   accelerator: bool = False) -> float:
     torch.manual_seed(0)
     channels = shape[1]
     if kind == "syncbn":
@@ -49,9 +51,10 @@ def _chain_kernels(kind: str, shape: tuple[int, ...], layers: int) -> float:
     def step() -> None:
         torch.autograd.grad(chain(x), params, dy)
 
-    for _ in range(3):
-        step()
-    per_step, _ = count_kernels(step, steps=2)
+    with _policy.force_accelerator_policy() if accelerator else contextlib.nullcontext():
+        for _ in range(3):
+            step()
+        per_step, _ = count_kernels(step, steps=2)
     return per_step / layers
 
 
@@ -63,6 +66,42 @@ def test_kernels_per_layer_step_on_the_host_bound_chain() -> None:
     assert max(two_d) <= KERNEL_BUDGET, two_d
     # the counter itself: torch's BatchNorm forward + backward + the step count
     assert _chain_kernels("local", (4, 64, 8, 8), 4) == 3
+
+
+def test_kernels_per_layer_step_of_the_accelerator_path() -> None:
+    """The accelerator branch (N a device tensor, nothing read), run on CPU tensors: what
+    the CPU profiler counts there includes the dtype conversions of mixed-dtype operands,
+    which CPU kernels make as separate copies and CUDA's fuse into the op; a bound that
+    catches regressions, not a GPU figure (``benchmarks/bench_gpu.py`` measures that)."""
+    counts = harness.run_ranks(2, _chain_kernels, "syncbn", (4, 64, 8, 8), 8, True)
+    assert max(counts) <= ACCELERATOR_KERNEL_BOUND, counts
+
+
+ACCELERATOR_KERNEL_BOUND = 44
+"""Profiler leaf events per layer-step of the accelerator branch on CPU (42 measured)."""
+
+
+def _version_task() -> str:
+    layer = syncbn.SyncBatchNorm(3, dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    layer(x)  # a first step; the next ones take the lean step
+    layer(x)
+    layer.eval()
+    y = layer(x)  # torch's eval kernel saves the running statistics for its backward
+    layer.train()
+    layer(x)  # updates them in place (on CPU through NumPy)
+    try:
+        y.sum().backward()
+    except RuntimeError as error:
+        return str(error)
+    return "no error"
+
+
+def test_running_statistics_updated_on_the_host_count_as_modified_in_place() -> None:
+    """A graph that saved the running statistics must not silently use updated ones: the host
+    update bumps their autograd version, as torch's in-place update would."""
+    for message in harness.run_ranks(2, _version_task):
+        assert "modified by an inplace operation" in message, message
 
 
 # --- the accelerator policy on CPU tensors --------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from syncbn import _stats
+import harness
+from syncbn import _stats, _step
 
 
 def _shards(sizes: list[int], dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
@@ -14,20 +15,21 @@ def _shards(sizes: list[int], dtype: torch.dtype = torch.float64) -> list[torch.
             for n in sizes]
 
 
-def _merge(shards: list[torch.Tensor]) -> _stats.GlobalMoments:
+def _merges(shards: list[torch.Tensor]) -> list[tuple[float, torch.Tensor, torch.Tensor]]:
+    """``(N, μ, σ²)`` of the shards' summed packing, by each of the core's merges."""
     packed = sum(_stats.pack_local_moments(_stats.local_moments(s)) for s in shards)
     assert isinstance(packed, torch.Tensor)
-    return _stats.merge_global_moments(packed)
+    return harness.core_merges(packed)
 
 
 @pytest.mark.parametrize("sizes", [[5], [3, 0, 4], [1, 1], [0, 7, 2, 2]])
 def test_merge_equals_moments_of_concatenation(sizes: list[int]) -> None:
     shards = _shards(sizes)
-    merged = _merge(shards)
     var, mean = torch.var_mean(torch.cat(shards), dim=[0, 2], unbiased=False)
-    assert merged.count.item() == sum(sizes) * 4
-    torch.testing.assert_close(merged.mean, mean, rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(merged.var, var, rtol=1e-12, atol=1e-13)
+    for count, merged_mean, merged_var in _merges(shards):
+        assert count == sum(sizes) * 4
+        torch.testing.assert_close(merged_mean, mean, rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(merged_var, var, rtol=1e-12, atol=1e-13)
 
 
 def test_sum_of_squares_identity_holds_for_any_centre() -> None:
@@ -41,10 +43,10 @@ def test_sum_of_squares_identity_holds_for_any_centre() -> None:
 
 
 def test_empty_group_gives_zeros_not_nan() -> None:
-    merged = _merge(_shards([0, 0]))
-    assert merged.count.item() == 0
-    assert torch.equal(merged.mean, torch.zeros(3, dtype=torch.float64))
-    assert torch.equal(merged.var, torch.zeros(3, dtype=torch.float64))
+    for count, mean, var in _merges(_shards([0, 0])):
+        assert count == 0
+        assert torch.equal(mean, torch.zeros(3, dtype=torch.float64))
+        assert torch.equal(var, torch.zeros(3, dtype=torch.float64))
 
 
 def test_float32_large_offset_keeps_variance() -> None:
@@ -52,9 +54,9 @@ def test_float32_large_offset_keeps_variance() -> None:
     gen = torch.Generator().manual_seed(2)
     exact64 = torch.randn(2, 5000, 2, generator=gen, dtype=torch.float64) + 1e4
     x = exact64.float()
-    merged = _merge([x[0], x[1]])
     exact = x.double().reshape(-1, 2).var(0, unbiased=False)
-    assert ((merged.var - exact) / exact).abs().max() < 1e-5  # float32 local sums; 1e-3 needed
+    for _, _, var in _merges([x[0], x[1]]):  # float32 local sums; 1e-3 needed
+        assert ((var - exact) / exact).abs().max() < 1e-5
     naive = x.reshape(-1, 2).pow(2).mean(0) - x.reshape(-1, 2).mean(0).pow(2)
     assert ((naive.double() - exact) / exact).abs().max() > 1e-3  # what the formula avoids
 
@@ -66,34 +68,50 @@ def test_local_moments_of_half_input_accumulate_in_float32() -> None:
     assert moments.total.dtype == torch.float32
     assert moments.count == 70_000
     assert moments.total.item() == 210_000.0
-    merged = _stats.merge_global_moments(_stats.pack_local_moments(moments))
-    assert merged.mean.item() == 3.0
-    assert merged.var.item() == pytest.approx(1.0, rel=1e-6)
+    for _, mean, var in harness.core_merges(_stats.pack_local_moments(moments)):
+        assert mean.item() == pytest.approx(3.0, rel=1e-15)
+        assert var.item() == pytest.approx(1.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("unbiased", [True, False])
-def test_running_update_formula(unbiased: bool) -> None:
-    stats = _stats.GlobalMoments(
-        torch.tensor([10.0], dtype=torch.float64),
-        torch.tensor([1.0, 2.0], dtype=torch.float64),
-        torch.tensor([4.0, 9.0], dtype=torch.float64),
-    )
+def _updated(kind: str, unbiased: bool, total: float, decay: float = 0.75,
+             cumulative_count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Running buffers [0.5, −1] and [2, 3] after one update by the core's torch path or its
+    host path, with the global mean [1, 2], biased variance [4, 9] and count ``total``."""
     mean, var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 3.0])
-    _stats.update_running_stats(mean, var, stats, decay=0.75, unbiased_var=unbiased)
+    batch_mean = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    biased = torch.tensor([4.0, 9.0], dtype=torch.float64)
+    factor = total / (total - 1.0) if unbiased and total > 1 else 1.0
+    tracked = None if cumulative_count is None else torch.tensor(cumulative_count)
+    if kind == "host":
+        merged = _step.HostMerged(torch.empty(5, 2), batch_mean.numpy(), biased.numpy(),
+                                  (biased * factor).numpy(), total, float(total > 1))
+        _step.update_on_host(mean, var, merged, decay, tracked)
+    else:
+        update = float(total > 1)
+        _step.update_running_(mean, var, _step.Merged(batch_mean.float(), torch.empty(2, 2),
+                              (biased * factor).float(), total, update), decay, tracked,
+                              torch.float32)
+    return mean, var
+
+
+@pytest.mark.parametrize("kind", ["torch", "host"])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_running_update_formula(kind: str, unbiased: bool) -> None:
+    mean, var = _updated(kind, unbiased, 10.0)
     factor = 10 / 9 if unbiased else 1.0
     torch.testing.assert_close(mean, torch.tensor([0.75 * 0.5 + 0.25 * 1.0, 0.75 * -1.0 + 0.5]))
     torch.testing.assert_close(var, torch.tensor([0.75 * 2 + 0.25 * 4 * factor,
                                                   0.75 * 3 + 0.25 * 9 * factor]))
+    cumulative_mean, _ = _updated(kind, unbiased, 10.0, cumulative_count=4)  # weight 1/4
+    torch.testing.assert_close(cumulative_mean, mean)
 
 
-def test_running_update_skips_empty_global_batch() -> None:
-    stats = _stats.GlobalMoments(torch.zeros(1, dtype=torch.float64),
-                                 torch.zeros(2, dtype=torch.float64),
-                                 torch.zeros(2, dtype=torch.float64))
-    mean, var = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 3.0])
-    _stats.update_running_stats(mean, var, stats, decay=0.9, unbiased_var=True)
-    assert torch.equal(mean, torch.tensor([0.5, -1.0]))
-    assert torch.equal(var, torch.tensor([2.0, 3.0]))
+@pytest.mark.parametrize("kind", ["torch", "host"])
+def test_running_update_skips_empty_global_batch(kind: str) -> None:
+    for total in (0.0, 1.0):
+        mean, var = _updated(kind, True, total)
+        assert torch.equal(mean, torch.tensor([0.5, -1.0]))
+        assert torch.equal(var, torch.tensor([2.0, 3.0]))
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -154,10 +172,11 @@ def test_channels_last_takes_torch_kernel_and_agrees() -> None:
     assert not _stats.torch_stats_kernel_applies(x.contiguous())
     assert not _stats.torch_stats_kernel_applies(x.view(4, 3, 30))
     assert _stats.torch_stats_kernel_applies(x.contiguous().to(torch.bfloat16))
-    merged = _stats.merge_global_moments(_stats.pack_local_moments(_stats.local_moments(x)))
     var, mean = torch.var_mean(x.double(), dim=[0, 2, 3], unbiased=False)
-    torch.testing.assert_close(merged.mean, mean, rtol=1e-6, atol=0.0)
-    assert ((merged.var - var) / var).abs().max() < 1e-3
+    for _, merged_mean, merged_var in harness.core_merges(
+            _stats.pack_local_moments(_stats.local_moments(x))):
+        torch.testing.assert_close(merged_mean, mean, rtol=1e-6, atol=0.0)
+        assert ((merged_var - var) / var).abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -15,7 +15,8 @@ Vocabulary (used everywhere in the core, never renamed):
 The cross-rank stage packs ``[Σ(x − s), Σ(x − s)², count, key]`` (``2C + 2``
 float64 values, ``s`` a shift all ranks share) for one all-reduce; the packing is
 built from centred local moments so that nothing is lost to cancellation (see
-:func:`pack_local_moments` and :func:`merge_global_moments`).
+:func:`pack_local_moments`; the merge is ``syncbn._step.merge`` and, on CPU,
+``syncbn._step.merge_on_host``).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def pack_local_moments(moments: LocalMoments, shift: Tensor | None = None) -> Te
     """Pack ``[Σ(x − s) (C), Σ(x − s)² (C), count (1), 0 (1)]`` in float64 for one all-reduce.
 
     ``s`` is a per-channel ``shift`` that every rank holds alike (the layer's
-    last global mean, else its running mean, see :func:`merge_global_moments`;
+    last global mean, else its running mean, see ``syncbn._step.merge``;
     ``None`` means 0). The sums are rebuilt from the centred moments by the exact
     identities, with ``d = c − s`` and ``r = Σ(x − c)``,
 
@@ -165,70 +166,9 @@ def pack_local_moments(moments: LocalMoments, shift: Tensor | None = None) -> Te
     return torch.cat([s1, s2, count_slot, count_slot.new_zeros(1)])  # C, C, 1, 1 -> 2C + 2
 
 
-@dataclass(frozen=True)
-class GlobalMoments:
-    """Statistics of the global batch, float64, shape (C,) each; ``count`` shape (1,)."""
-
-    count: Tensor
-    mean: Tensor
-    var: Tensor  # biased
-
-
-def merge_global_moments(packed: Tensor, shift: Tensor | None = None) -> GlobalMoments:
-    """Global mean and biased variance from the summed packing of every rank.
-
-    With ``S₁ = Σ(x − s)``, ``S₂ = Σ(x − s)²`` over every rank and ``N`` the
-    global count: ``μ = s + S₁/N``, ``σ² = S₂/N − (S₁/N)²``. This is the
-    all-reduce form of the pairwise merge of Chan, Golub & LeVeque ("Algorithms
-    for computing the sample variance", 1983). In float64 the relative error of
-    σ² is about ε₆₄·((μ − s)/σ)²: with ``s`` the layer's last global mean
-    (within a few σ of this batch's), it is ~1e-15 even at μ/σ = 1e8; with no
-    shift (a layer's first step, with a zero running mean) it is ε₆₄·(μ/σ)²,
-    so float32 inputs with mean 1e4 and std 1 still keep ~1e-8 relative
-    (E[x²]−E[x]² in float32 would lose all). With ``N = 0`` (every rank empty)
-    the result is mean ``s``, var 0, never NaN.
-    """
-    channels = (packed.numel() - 2) // 2
-    count = packed[2 * channels:2 * channels + 1].clone()  # not a view of the buffer
-    mean_d, mean_sq = (packed[:2 * channels] / count.clamp_min(1.0)).view(2, channels)
-    var = torch.addcmul(mean_sq, mean_d, mean_d, value=-1.0).clamp_min_(0.0)
-    mean = mean_d if shift is None else mean_d + shift
-    return GlobalMoments(count, mean, var)
-
-
 def invstd(var: Tensor, eps: float) -> Tensor:
     """``1/√(var + eps)``."""
     return (var + eps).rsqrt()
-
-
-def blend_running_stats(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    stats: GlobalMoments,
-    decay: float | Tensor,
-    unbiased_var: bool,
-) -> tuple[Tensor | None, Tensor | None]:
-    """New running values: ``decay·running + (1 − decay)·batch``, where ``count > 1``.
-
-    ``batch`` is the global mean, and the global variance: unbiased,
-    ``σ²·N/(N − 1)`` (Torch), or biased ``σ²`` (Paddle). Computed in float64
-    (returned in float64, rounded once when written into the buffers) from
-    values that are identical on every rank, so every rank ends with bitwise
-    identical buffers. A step whose global batch holds at most one value (every
-    rank empty, or every mask False) keeps the old values.
-    """
-    batch_var = stats.var
-    if unbiased_var:
-        batch_var = batch_var * (stats.count / (stats.count - 1.0).clamp_min(1.0))
-    keep = stats.count <= 1
-    new: list[Tensor | None] = []
-    for running, batch in ((running_mean, stats.mean), (running_var, batch_var)):
-        if running is None:
-            new.append(None)
-            continue
-        old = running.double()
-        new.append(torch.where(keep, old, old * decay + batch * (1.0 - decay)))
-    return new[0], new[1]
 
 
 @dataclass(frozen=True)
@@ -289,17 +229,3 @@ def input_grad_coefficients_from_output(
     if bias is not None:
         c = c - b * bias.to(inv_std.dtype)
     return a, b, c
-
-
-def update_running_stats(
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    stats: GlobalMoments,
-    decay: float | Tensor,
-    unbiased_var: bool,
-) -> None:
-    """:func:`blend_running_stats` written into the buffers (rounded once to their dtype)."""
-    new_mean, new_var = blend_running_stats(running_mean, running_var, stats, decay, unbiased_var)
-    for running, value in ((running_mean, new_mean), (running_var, new_var)):
-        if running is not None and value is not None:
-            running.copy_(value)
