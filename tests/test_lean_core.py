@@ -311,3 +311,80 @@ def test_sixteen_bit_input_gradient_is_rounded_once(dtype: torch.dtype) -> None:
     assert leaf16.grad is not None
     ours, theirs = _dx_error(dx, x, dy), _dx_error(leaf16.grad, x, dy)
     assert ours <= 3 * theirs, (ours, theirs)
+
+
+# --- the plan's variants: the output as scratch, y and dx as broadcast multiply-adds ----------
+
+PLAN_SHAPES = {  # (rows on rank 0, rows on rank 1, rest): which StepPlan variant each takes
+    "nchw-large": ((3, 2), (8, 96, 64)),  # reuse (the output holds the deviations first)
+    "channels_last-large": ((3, 2), (8, 96, 64)),  # reuse + affine
+    "2d-affine": ((250, 106), (80,)),  # affine (>= 2**14 values)
+    "2d-large": ((1100, 400), (128,)),  # reuse + affine
+}
+
+
+def _plan_batch(case: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    sizes, rest = PLAN_SHAPES[case]
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(sum(sizes), *rest, generator=gen, dtype=torch.float64) * 2 + 3
+    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    return x.to(dtype), dy.to(dtype)
+
+
+def _plan_variant_task(case: str, dtype: torch.dtype) -> dict[str, Any]:
+    rank = dist.get_rank()
+    sizes = PLAN_SHAPES[case][0]
+    rows = slice(0, sizes[0]) if rank == 0 else slice(sizes[0], sum(sizes))
+    x_all, dy_all = _plan_batch(case, dtype)
+    channels = x_all.size(1)
+    layer = syncbn.SyncBatchNorm(channels, dtype=dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        layer.bias.copy_(torch.linspace(-1, 1, channels))
+    outputs = []
+    for _ in range(3):  # the first step exchanges its shift; the next ones take the lean step
+        x = x_all[rows].clone()
+        if case.startswith("channels_last"):
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        y = layer(x)
+        y.backward(dy_all[rows].to(memory_format=torch.preserve_format))
+        outputs.append((y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone(),
+                        y.is_contiguous(), y.is_contiguous(memory_format=torch.channels_last)))
+        layer.weight.grad = layer.bias.grad = None
+    plan = layer._syncbn_fast.plan
+    return {"outputs": outputs, "variant": (plan.reuse, plan.affine),
+            "state": {k: v.clone() for k, v in layer.state_dict().items()}}
+
+
+@pytest.mark.parametrize("case", list(PLAN_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_each_plan_variant_matches_the_oracle(case: str, dtype: torch.dtype) -> None:
+    results = harness.run_ranks(2, _plan_variant_task, case, dtype)
+    expected = {"nchw-large": (True, False), "channels_last-large": (True, True),
+                "2d-affine": (False, True), "2d-large": (True, True)}[case]
+    assert results[0]["variant"] == expected
+    x, dy = _plan_batch(case, torch.float64)
+    channels = x.size(1)
+    bn = nn.BatchNorm1d(channels) if x.dim() < 4 else nn.BatchNorm2d(channels)
+    bn = bn.double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        bn.bias.copy_(torch.linspace(-1, 1, channels))
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    for step in range(3):
+        leaf = x.clone().requires_grad_()
+        y = bn(leaf)
+        y.backward(dy)
+        got = [r["outputs"][step] for r in results]
+        torch.testing.assert_close(torch.cat([g[0] for g in got]).double(), y.detach(), **tol)
+        torch.testing.assert_close(torch.cat([g[1] for g in got]).double(), leaf.grad, **tol)
+        torch.testing.assert_close((got[0][2] + got[1][2]).double(), bn.weight.grad, **tol)
+        torch.testing.assert_close((got[0][3] + got[1][3]).double(), bn.bias.grad, **tol)
+        layout = (False, True) if case.startswith("channels_last") else (True, x.dim() < 4)
+        assert (got[0][4], got[0][5] or x.dim() < 4) == layout
+        bn.weight.grad = bn.bias.grad = None
+    for name, value in bn.state_dict().items():
+        for result in results:
+            torch.testing.assert_close(result["state"][name].double(), value.double(), **tol)
+        assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name

@@ -82,7 +82,14 @@ class StepPlan:
     shift_view: Tensor  # shift_eps[0] viewed as shape_c
     shift_host: Any  # a NumPy view of shift_eps[0] (CPU), else None
     exponents: Tensor  # (2, 1) acc: [−½, −1]
+    nothing: Tensor  # an empty acc tensor: the inference kernel's unused outputs
     sixteen_bit: bool
+    affine: bool  # y and dx as broadcast multiply-adds (channels_last, large 2-D), else
+    # torch's inference batch-norm kernel (NCHW: 0.34 against 1.0 ms on (8, 64, 56, 56))
+    reuse: bool  # the output's buffer holds the deviations first (large float32/64 inputs:
+    # one input-sized allocation fewer, whose page faults cost more than the kernels)
+    stats_kernel: bool  # the deviations' moments by torch's statistics kernel (one pass:
+    # channels_last), else by two sums (NCHW, 2-D: 4x faster there than that kernel)
 
 
 _plans: dict[tuple[Any, ...], StepPlan] = {}
@@ -122,8 +129,20 @@ def _build_plan(x: Tensor, site: _comm.CallSite, eps: float, group_name: str) ->
         shift_eps=shift_eps, shift=shift_eps[0], shift_view=shift_eps[0].view(shape_c),
         shift_host=shift_eps[0].numpy() if reads else None,
         exponents=torch.tensor([[-0.5], [-1.0]], dtype=acc, device=x.device),
+        nothing=torch.empty(0, dtype=acc, device=x.device),
         sixteen_bit=x.dtype in (torch.float16, torch.bfloat16),
+        affine=not x.is_contiguous() or (ndim == 2 and x.numel() >= AFFINE_2D_NUMEL),
+        reuse=x.numel() > LARGE_NUMEL and acc == x.dtype,
+        stats_kernel=ndim > 2 and not x.is_contiguous(),
     )
+
+
+AFFINE_2D_NUMEL = 1 << 14
+"""From this many values a 2-D input is normalized by a broadcast multiply-add (46 against
+90 µs on (256, 1024)); below, torch's inference kernel is as fast or faster."""
+
+LARGE_NUMEL = 1 << 17
+"""Above this many values the step writes the deviations into the output's buffer."""
 
 
 def exchange_shift(x: Tensor, mask: Tensor | None, group_name: str | None,
@@ -252,9 +271,12 @@ def lean_batch_norm(
     if update_running:
         update_running_(running_mean, running_var, merged, decay,
                         num_batches_tracked if cumulative else None, plan.acc)
+    scale = scales[0]
+    y = torch.batch_norm(x.detach(), scale, _acc_bias(bias, plan), merged.mean, plan.ones,
+                         False, 0.0, 0.0, False)
     out: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, merged.mean, powers[0], scales[0], scales,
-        (plan, call, merged.total, False))
+        x, weight, bias, merged.mean, powers[0], scale, scales,
+        (plan, call, merged.total, False, y))
     return out
 
 
@@ -286,27 +308,55 @@ def _host_step(
                             plan.shift_host):
         plan.shift.copy_(exchange_shift(x, None, plan.group_name, plan.site, call))
     xd = x.detach()
-    d = torch.sub(xd, plan.shift_view, out=torch.empty_like(xd, dtype=plan.acc))
-    first = d.sum(plan.dims)
-    second = d.square_().sum(plan.dims)
+    out = torch.empty_like(xd) if plan.reuse else None
+    d = torch.sub(xd, plan.shift_view,
+                  out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
     packed = torch.empty(2 * channels + 2, dtype=torch.float64)
     host = packed.numpy()
-    host[:channels] = first.numpy()
-    host[channels:-2] = second.numpy()
+    if plan.stats_kernel:  # one pass: torch's statistics kernel gives Σd/n and the biased
+        # variance, so Σd = n·m and Σd² = n·(v + m²) (m is small: d is centred near 0)
+        mean_d, var_d = torch.batch_norm_update_stats(d, None, None, 0.0)
+        m = mean_d.numpy().astype(np.float64)
+        np.multiply(m, plan.count, out=host[:channels])
+        host[channels:-2] = (var_d.numpy() + m * m) * plan.count
+    else:
+        host[:channels] = d.sum(plan.dims).numpy()
+        host[channels:-2] = d.square_().sum(plan.dims).numpy()
     host[-2] = plan.count
     host[-1] = key
     _comm.reduce_checked_(packed, plan.group_name, plan.site, "forward", call, x.shape, key,
                           host=host)
     merged = merge_on_host(host, plan.shift_host, plan.eps, unbiased_var,
-                           torch.empty((5, channels), dtype=plan.acc),
-                           None if weight is None else weight.detach().numpy())
+                           torch.empty((6, channels), dtype=plan.acc),
+                           None if weight is None else weight.detach().numpy(),
+                           None if bias is None else bias.detach().numpy())
     if update_running:
         update_on_host(running_mean, running_var, merged, decay,
                        num_batches_tracked if cumulative else None)
-    mean, inv_std, scale, _, _ = merged.stats.unbind()
-    out: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, mean, inv_std, scale, merged.stats, (plan, call, merged.total, True))
-    return out
+    mean, inv_std, scale, _, _, offset = merged.stats.unbind()
+    if plan.affine:  # y = a·x + (β − a·μ)
+        shape = plan.shape_c
+        y = torch.addcmul(offset.view(shape), xd, scale.view(shape),
+                          out=out if out is not None else torch.empty_like(xd))
+    elif out is not None:
+        y = torch.ops.aten.native_batch_norm.out(
+            xd, scale, _acc_bias(bias, plan), mean, plan.ones, False, 0.0, 0.0,
+            out=out, save_mean=plan.nothing, save_invstd=plan.nothing)[0]
+    else:
+        y = torch.batch_norm(xd, scale, _acc_bias(bias, plan), mean, plan.ones, False, 0.0,
+                             0.0, False)
+    result: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
+        x, weight, bias, mean, inv_std, scale, merged.stats,
+        (plan, call, merged.total, True, y))
+    return result
+
+
+def _acc_bias(bias: Tensor | None, plan: StepPlan) -> Tensor | None:
+    """The bias as torch's inference kernel takes it (the accumulation dtype)."""
+    if bias is None:
+        return None
+    bias = bias.detach()
+    return bias if bias.dtype == plan.acc else bias.to(plan.acc)
 
 
 def _shift_factor(state: bool, steps: int | None, decay: float, cumulative: bool
@@ -360,13 +410,14 @@ class HostMerged(NamedTuple):
 
 
 def merge_on_host(host: Any, shift: Any, eps: float, unbiased_var: bool, stats: Tensor,
-                  weight: Any) -> HostMerged:
+                  weight: Any, bias: Any = None) -> HostMerged:
     """:func:`merge` in float64 NumPy (CPU host math): from ``host = [S₁, S₂, N, key]``
     (a NumPy view of the summed packing) and the shift ``s`` (a NumPy array), writes
     ``stats`` (a (5, C) CPU tensor in the accumulation dtype) with
-    ``[μ, invstd, a, −a/N, −a·invstd/N]``, ``a = weight·invstd`` (``weight`` a NumPy
-    array, or ``None``: 1); the last two rows times ``[Σdy, Σdy·x̂]`` are backward's
-    ``[c', b]`` (see :class:`LeanBatchNormFunction`).
+    ``[μ, invstd, a, −a/N, −a·invstd/N]`` and, with 6 rows, ``β − a·μ``;
+    ``a = weight·invstd`` (``weight`` and ``bias`` NumPy arrays, or ``None``: 1 and 0);
+    rows 3–4 times ``[Σdy, Σdy·x̂]`` are backward's ``[c', b]`` (see
+    :class:`LeanBatchNormFunction`), row 5 the offset of ``y = a·x + (β − a·μ)``.
 
     With ``n = max(N, 1)``: ``μ = s + S₁/n``, ``σ² = max(S₂/n − (S₁/n)², 0)``,
     ``invstd = (σ² + eps)^(−½)``; the running variance takes ``σ²·N/(N − 1)`` (or ``σ²``
@@ -389,6 +440,9 @@ def merge_on_host(host: Any, shift: Any, eps: float, unbiased_var: bool, stats: 
     negative = scale * (-1.0 / divisor)
     rows[3] = negative
     rows[4] = negative * inv_std
+    if len(rows) > 5:
+        offset = -scale * mean
+        rows[5] = offset if bias is None else offset + bias
     batch_var = var * (total / (total - 1.0)) if unbiased_var and total > 1.0 else var
     return HostMerged(stats, mean, var_eps, batch_var, total, 1.0 if total > 1.0 else 0.0)
 
@@ -520,22 +574,23 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
 
 
 def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prime: Tensor,
-               plan: StepPlan) -> Tensor:
-    """``dx = a·dy + b·(x − μ) + c'`` per channel, in ``x``'s dtype and memory format.
+               plan: StepPlan, c: Tensor | None = None) -> Tensor:
+    """``dx = a·dy + b·(x − μ) + c' = a·dy + b·x + c`` per channel (``c = c' − b·μ``, given
+    or computed here), in ``x``'s dtype and memory format.
 
-    float32/float64: torch's inference batch-norm kernel gives ``(x − μ)·b + c'``
-    (unit variance, eps 0), then one multiply-add. 16-bit inputs: the whole sum in
-    float32, rounded once (``a·dy`` and ``b·x + c`` rounded apart cancel badly when
-    ``dy`` is mostly a per-channel constant plus a multiple of x̂).
+    float32/float64: ``b·x + c`` as a broadcast multiply-add where the plan says so
+    (channels_last, large 2-D), else torch's inference batch-norm kernel for
+    ``(x − μ)·b + c'`` (unit variance, eps 0); then one multiply-add. 16-bit inputs:
+    the whole sum in float32, rounded once (``a·dy`` and ``b·x + c`` rounded apart
+    cancel badly when ``dy`` is mostly a per-channel constant plus a multiple of x̂).
     """
     shape = plan.shape_c
-    if plan.sixteen_bit:
-        c = torch.addcmul(c_prime, b, mean, value=-1.0)
-        out = torch.addcmul(c.view(shape), x, b.view(shape))
-        return out.addcmul_(dy, a.view(shape)).to(x.dtype)
-    if not x.is_contiguous():  # channels_last: a broadcast multiply-add into x's layout is
-        # faster than the inference kernel there (0.49 against 0.72 ms for dx, (8, 64, 56, 56))
-        c = torch.addcmul(c_prime, b, mean, value=-1.0)
+    if plan.sixteen_bit or plan.affine:
+        if c is None:
+            c = torch.addcmul(c_prime, b, mean, value=-1.0)
+        if plan.sixteen_bit:
+            out = torch.addcmul(c.view(shape), x, b.view(shape))
+            return out.addcmul_(dy, a.view(shape)).to(x.dtype)
         out = torch.addcmul(c.view(shape), x, b.view(shape), out=torch.empty_like(x))
         return out.addcmul_(dy, a.view(shape))
     out = torch.batch_norm(x, b, c_prime, mean, plan.ones, False, 0.0, 0.0, False)
@@ -556,19 +611,18 @@ class LeanBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 mean: Tensor, inv_std: Tensor, scale: Tensor, coefficients: Tensor,
-                meta: tuple[StepPlan, int, float | Tensor, bool]) -> Tensor:
-        """``scale`` is ``a``; the last two rows of ``coefficients`` are ``[a, a·invstd]``,
-        or ``−[a, a·invstd]/N`` with host math (:func:`merge_on_host`); ``meta`` is the
-        plan, the call count, the forward's global count N (a host float on CPU, a
-        tensor on accelerators) and whether the step runs its O(C) work on the host."""
-        plan = meta[0]
-        ctx.meta = meta
+                meta: tuple[StepPlan, int, float | Tensor, bool, Tensor]) -> Tensor:
+        """Returns ``y``, normalized by the step (the last item of ``meta``). ``scale`` is
+        ``a``; the rows 2 and 3 of ``coefficients`` are ``[a, a·invstd]`` or, with host
+        math, its rows 3 and 4 are ``−[a, a·invstd]/N`` (:func:`merge_on_host`); ``meta``
+        is the plan, the call count, the forward's global count N (a host float on CPU,
+        a tensor on accelerators), whether the step runs its O(C) work on the host, and
+        ``y``."""
+        ctx.meta = meta[:4]
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(x, mean, inv_std, scale, coefficients)
-        if bias is not None and bias.dtype != plan.acc:  # a 16-bit layer: the kernel wants acc
-            bias = bias.to(plan.acc)
-        return torch.batch_norm(x, scale, bias, mean, plan.ones, False, 0.0, 0.0, False)
+        return meta[4]
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
@@ -582,7 +636,7 @@ class LeanBatchNormFunction(torch.autograd.Function):
         # unit weight: the sums do not depend on it, and without one the 2-D kernel builds it
         _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
             dy, x, plan.ones, None, None, mean, inv_std, True, 0.0, [False, True, True])
-        coeffs = torch.empty((2, channels), dtype=plan.acc, device=x.device)
+        offset = None
         if on_host:  # packed, read and combined on the host (see _host_step)
             packed = torch.empty(2 * channels + 2, dtype=torch.float64)
             host = packed.numpy()
@@ -592,19 +646,25 @@ class LeanBatchNormFunction(torch.autograd.Function):
             host[-1] = plan.key_backward
             _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
                                   x.shape, plan.key_backward, host=host)
-            np.multiply(host[:2 * channels].reshape(2, channels), coefficients.numpy()[-2:],
-                        out=coeffs.numpy(), casting="same_kind")
+            # [c', b] = [Σdy, Σdy·x̂]·(−[a, a·invstd]/N), and c = c' − b·μ, in float64
+            products = host[:2 * channels].reshape(2, channels) * coefficients.numpy()[3:5]
+            coeffs = torch.empty((3, channels), dtype=plan.acc)
+            rows = coeffs.numpy()
+            rows[:2] = products
+            rows[2] = products[0] - products[1] * mean.numpy()
+            c_prime, b, offset = coeffs.unbind()
         else:
+            coeffs = torch.empty((2, channels), dtype=plan.acc, device=x.device)
             packed = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward]).double()
             _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
                                   x.shape, plan.key_backward,
                                   host=packed.numpy() if plan.reads else None)
             torch.div(packed[:2 * channels].view(2, channels), -total, out=coeffs)
             coeffs.mul_(coefficients)
+            c_prime, b = coeffs.unbind()
         grad_input = None
         if ctx.needs_input_grad[0]:
-            c_prime, b = coeffs.unbind()
-            grad_input = input_grad(x, dy, mean, scale, b, c_prime, plan)
+            grad_input = input_grad(x, dy, mean, scale, b, c_prime, plan, offset)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[1]:
             weight_dtype = ctx.weight_dtype
