@@ -234,13 +234,15 @@ def lean_batch_norm(
     weight: Tensor | None, bias: Tensor | None, *, eps: float, decay: float,
     unbiased_var: bool, group_name: str, site: _comm.CallSite, call: int,
     num_batches_tracked: Tensor | None, cumulative: bool, steps: int | None,
-    update_running: bool, plan: StepPlan | None = None,
+    update_running: bool, plan: StepPlan | None = None, on_host: bool | None = None,
 ) -> Tensor:
-    """The steady-state synchronized training step (see the module docstring); ``plan``:
-    this input's :class:`StepPlan`, if the caller holds it."""
+    """The steady-state synchronized training step (see the module docstring); ``plan``
+    and ``on_host`` (:func:`host_math`'s answer for these tensors), if the caller holds them."""
     if plan is None:
         plan = plan_for(x, site, eps, group_name)
-    if host_math(x.device, weight, running_mean, running_var):
+    if on_host is None:
+        on_host = host_math(x.device, weight, running_mean, running_var)
+    if on_host:
         return _host_step(plan, x, running_mean, running_var, weight, bias, decay=decay,
                           unbiased_var=unbiased_var, call=call,
                           num_batches_tracked=num_batches_tracked, cumulative=cumulative,

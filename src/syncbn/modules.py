@@ -34,6 +34,7 @@ class _FastPath:
     plan: _step.StepPlan
     decay: float
     cumulative: bool
+    on_host: bool  # the O(C) work on the host (_step.host_math: CPU, NumPy-viewable dtypes)
 
 
 class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
@@ -224,7 +225,8 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
                 self.debug, self._syncbn_name, self.track_running_stats, self.inplace,
                 self.activation, None if weight is None else weight.dtype,
                 None if running_mean is None else running_mean.dtype,
-                self.__dict__.get(GROUP_LOST_ATTRIBUTE, False), _comm.env_settings())
+                self.__dict__.get(GROUP_LOST_ATTRIBUTE, False), _comm.env_settings(),
+                _policy.host_reads(input.device))
 
     def _plan_fast(self, input: Tensor, key: tuple[object, ...], site: _comm.CallSite,
                    momentum: float | None) -> _FastPath | None:
@@ -236,8 +238,12 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         if not _step.lean_applies(input, None, False, group_name):
             return None
         plan = _step.plan_for(input, site, self.eps, group_name)
+        tracked = self.track_running_stats
+        on_host = _step.host_math(input.device, self.weight,
+                                  self.running_mean if tracked else None,
+                                  self.running_var if tracked else None)
         return _FastPath(key, plan, 1.0 - (0.0 if momentum is None else momentum),
-                         momentum is None)
+                         momentum is None, on_host)
 
     def _forward_fast(self, input: Tensor, fast: _FastPath) -> Tensor:
         """A training step of a signature seen before: its checks passed then and nothing they
@@ -266,6 +272,7 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
             group_name=plan.group_name, site=plan.site, call=call,
             num_batches_tracked=counter if tracked else None, cumulative=fast.cumulative,
             steps=steps, update_running=tracked and not recomputing, plan=plan,
+            on_host=fast.on_host,
         )
         return self.activation.apply(out)
 
