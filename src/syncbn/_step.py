@@ -173,7 +173,8 @@ def exchange_shift(x: Tensor, mask: Tensor | None, group_name: str | None,
 
 
 def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: float,
-                     cumulative: bool, out: Tensor, host: Any = None) -> bool:
+                     cumulative: bool, out: Tensor, host: Any = None, state: Any = None
+                     ) -> bool:
     """Write the shift ``s`` into ``out`` from the layer's state; False where the state holds
     none (then :func:`exchange_shift`).
 
@@ -190,15 +191,18 @@ def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: floa
     every rank in step and continues bitwise after a resume. Non-finite values
     (a NaN batch poisoned the running mean) count as 0, so the batch statistics
     stay those of the batch, as torch's. ``host``, a NumPy view of ``out`` (CPU host
-    math, see :func:`host_math`), computes it there; otherwise one torch multiply,
-    checked on the host where reads are allowed, else by one ``nan_to_num_``.
+    math, see :func:`host_math`), computes it there (``state``: a NumPy view of the
+    running mean, if the caller holds one); otherwise one torch multiply, checked on
+    the host where reads are allowed, else by one ``nan_to_num_``.
     """
     factor = _shift_factor(running_mean is not None, steps, decay, cumulative)
     if factor is None:
         return False
     assert running_mean is not None
     if host is not None:
-        np.multiply(running_mean.detach().numpy(), factor, out=host, dtype=host.dtype)
+        if state is None:
+            state = running_mean.detach().numpy()
+        np.multiply(state, factor, out=host, dtype=host.dtype)
         if not np.isfinite(host).all():
             np.nan_to_num(host, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         return True
@@ -303,11 +307,12 @@ def _host_step(
     """
     channels = plan.channels
     key = plan.key_forward
+    state = None
     if running_mean is not None:  # ranks whose running means differ are out of step
         state = running_mean.detach().numpy()
         key = _comm.fold_key(key, state if state.flags.c_contiguous else state.copy())
     if not shift_from_state(running_mean, steps, decay, cumulative, plan.shift,
-                            plan.shift_host):
+                            plan.shift_host, state):
         plan.shift.copy_(exchange_shift(x, None, plan.group_name, plan.site, call))
     xd = x.detach()
     out = torch.empty_like(xd) if plan.reuse else None
@@ -328,14 +333,16 @@ def _host_step(
     host[-1] = key
     _comm.reduce_checked_(packed, plan.group_name, plan.site, "forward", call, x.shape, key,
                           host=host)
-    merged = merge_on_host(host, plan.shift_host, plan.eps, unbiased_var,
-                           torch.empty((6, channels), dtype=plan.acc),
+    # rows 0-5 the forward's statistics (merge_on_host), 6-8 backward's coefficients
+    stats = torch.empty((9, channels), dtype=plan.acc)
+    merged = merge_on_host(host, plan.shift_host, plan.eps, unbiased_var, stats,
                            None if weight is None else weight.detach().numpy(),
                            None if bias is None else bias.detach().numpy())
     if update_running:
         update_on_host(running_mean, running_var, merged, decay,
-                       num_batches_tracked if cumulative else None)
-    mean, inv_std, scale, _, _, offset = merged.stats.unbind()
+                       num_batches_tracked if cumulative else None, state)
+    rows = stats.unbind()
+    mean, inv_std, scale, offset = rows[0], rows[1], rows[2], rows[5]
     if plan.affine:  # y = a·x + (β − a·μ)
         shape = plan.shape_c
         y = torch.addcmul(offset.view(shape), xd, scale.view(shape),
@@ -348,8 +355,7 @@ def _host_step(
         y = torch.batch_norm(xd, scale, _acc_bias(bias, plan), mean, plan.ones, False, 0.0,
                              0.0, False)
     result: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, mean, inv_std, scale, merged.stats,
-        (plan, call, merged.total, True, y))
+        x, weight, bias, mean, inv_std, scale, stats, (plan, call, rows, True, y))
     return result
 
 
@@ -450,12 +456,14 @@ def merge_on_host(host: Any, shift: Any, eps: float, unbiased_var: bool, stats: 
 
 
 def update_on_host(running_mean: Tensor | None, running_var: Tensor | None,
-                   merged: HostMerged, decay: float, num_batches_tracked: Tensor | None) -> None:
+                   merged: HostMerged, decay: float, num_batches_tracked: Tensor | None,
+                   state: Any = None) -> None:
     """:func:`update_running_` in NumPy (CPU host math): ``running ← (1 − w)·running +
     w·batch``, as torch's BatchNorm writes it (inf and NaN carried alike), with
     ``w = 1 − decay`` (or ``1/num_batches_tracked``, the cumulative average), computed
     in float64 and rounded once; where ``N > 1``. Each buffer's autograd version is
-    bumped, as an in-place torch op would."""
+    bumped, as an in-place torch op would. ``state``: a NumPy view of the running mean,
+    if the caller holds one."""
     if merged.update == 0.0:
         return
     weight = 1.0 - decay
@@ -463,7 +471,8 @@ def update_on_host(running_mean: Tensor | None, running_var: Tensor | None,
         weight = 1.0 / max(_policy.host_int(num_batches_tracked), 1.0)
     for running, batch in ((running_mean, merged.host_mean), (running_var, merged.host_batch_var)):
         if running is not None:
-            values = running.detach().numpy()
+            values = state if running is running_mean and state is not None else \
+                running.detach().numpy()
             values[...] = (1.0 - weight) * values + weight * batch
             torch.autograd.graph.increment_version(running)
 
@@ -613,13 +622,14 @@ class LeanBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None,
                 mean: Tensor, inv_std: Tensor, scale: Tensor, coefficients: Tensor,
-                meta: tuple[StepPlan, int, float | Tensor, bool, Tensor]) -> Tensor:
-        """Returns ``y``, normalized by the step (the last item of ``meta``). ``scale`` is
-        ``a``; the rows 2 and 3 of ``coefficients`` are ``[a, a·invstd]`` or, with host
-        math, its rows 3 and 4 are ``−[a, a·invstd]/N`` (:func:`merge_on_host`); ``meta``
-        is the plan, the call count, the forward's global count N (a host float on CPU,
-        a tensor on accelerators), whether the step runs its O(C) work on the host, and
-        ``y``."""
+                meta: tuple[StepPlan, int, Any, bool, Tensor]) -> Tensor:
+        """Returns ``y``, normalized by the step. ``scale`` is ``a``; ``meta`` is the
+        plan, the call count, an extra item, whether the step ran its O(C) work on the
+        host, and ``y``. On the torch path ``coefficients`` is ``[a, a·invstd]`` and the
+        extra item the global count N (a host float on CPU, a tensor on accelerators);
+        with host math ``coefficients`` is the (9, C) stats tensor of
+        :func:`merge_on_host` (rows 3-4: ``−[a, a·invstd]/N``; rows 6-8 receive
+        backward's ``[c', b, c]``) and the extra item its rows, unbound."""
         ctx.meta = meta[:4]
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -628,7 +638,7 @@ class LeanBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        plan, call, total, on_host = ctx.meta
+        plan, call, extra, on_host = ctx.meta
         if torch.is_grad_enabled():
             from ._autograd import double_backward_error
 
@@ -648,20 +658,20 @@ class LeanBatchNormFunction(torch.autograd.Function):
             host[-1] = plan.key_backward
             _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
                                   x.shape, plan.key_backward, host=host)
-            # [c', b] = [Σdy, Σdy·x̂]·(−[a, a·invstd]/N), and c = c' − b·μ, in float64
-            products = host[:2 * channels].reshape(2, channels) * coefficients.numpy()[3:5]
-            coeffs = torch.empty((3, channels), dtype=plan.acc)
-            rows = coeffs.numpy()
-            rows[:2] = products
-            rows[2] = products[0] - products[1] * mean.numpy()
-            c_prime, b, offset = coeffs.unbind()
+            # [c', b] = [Σdy, Σdy·x̂]·(−[a, a·invstd]/N), and c = c' − b·μ, in float64, into
+            # the rows 6-8 of the forward's stats
+            stats = coefficients.numpy()
+            products = host[:2 * channels].reshape(2, channels) * stats[3:5]
+            stats[6:8] = products
+            stats[8] = products[0] - products[1] * stats[0]
+            c_prime, b, offset = extra[6], extra[7], extra[8]
         else:
             coeffs = torch.empty((2, channels), dtype=plan.acc, device=x.device)
             packed = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward]).double()
             _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
                                   x.shape, plan.key_backward,
                                   host=packed.numpy() if plan.reads else None)
-            torch.div(packed[:2 * channels].view(2, channels), -total, out=coeffs)
+            torch.div(packed[:2 * channels].view(2, channels), -extra, out=coeffs)
             coeffs.mul_(coefficients)
             c_prime, b = coeffs.unbind()
         grad_input = None
