@@ -3,41 +3,41 @@
 Everything that depends only on a layer's settings and the input's signature
 (shape, dtype, device, memory format, group, mode) is decided once and cached in a
 :class:`StepPlan`: the reduction dims, the local count, the step keys, the constant
-tails of the packed buffers, the views the step writes into. The steady-state step
-(eager, no mask, no in-place activation, at least 2 values per channel on this rank)
-then runs, per layer (CPU, float32, counted by ``syncbn.cli.kernels``):
+tails of the packed buffers, the views the step writes into, and which kernels
+suit the layout. The steady-state step (eager, no mask, no in-place activation,
+at least 2 values per channel on this rank) then runs one of two forms of the same
+math, by the device policy (:func:`host_math`, ``_policy``):
 
-forward (17 kernels)::
+**CPU** (:func:`_host_step`): the host is the device, and a NumPy operation on a
+few hundred values costs a fraction of a torch dispatch, so the O(C) work (the
+shift, the packing, the merge, the running-statistics update, backward's
+coefficients) runs in float64 NumPy on views of the tensors, and torch runs only
+the input-sized kernels: 10 per layer-step (counted by ``syncbn.cli.kernels``;
+torch's own BatchNorm: 3, the floor 7)::
 
-    num_batches_tracked += 1                                                    1
-    s = c·running_mean  (the shift, see shift_from_state)                       1
-    d = x − s;  [Σd, Σd²] (two plain sums);  pack [Σd, Σd², n, key] (float64)     5
-    all_reduce (2C + 2 float64; on CPU the count and key are read: no kernel)   1
-    q = [S₁, S₂]/(N − 1);  q₂ ← q₂ − q₁²·(N − 1)/N (= σ²·N/(N − 1), clamped ≥ 0)  3
-    [μ, σ² + eps] = [s, eps] + q·(N − 1)/N;  [invstd, invstd²] = (σ² + eps)^[−½, −1]  2
-    R = w·[invstd, invstd²];  running_mean, running_var ← lerp(μ, q₂)            3
-    y = (x − μ)·R₁ + β        (torch's inference batch-norm kernel)               1
+    forward    d = x − s;  [Σd, Σd²] (two sums, or torch's statistics kernel on
+               channels_last);  all_reduce [Σd, Σd², n, key];  y = a·x + (β − a·μ)
+               (torch's inference kernel, or a multiply-add: channels_last, large 2-D)
+    backward   [Σdy, Σdy·x̂] (torch's backward reduction);  all_reduce;
+               dx = (x − μ)·b + c' + a·dy  (inference kernel or multiply-add, then one)
 
-backward (6 kernels)::
+**Accelerators** (and CPU layers with bfloat16 parameters, which NumPy cannot view):
+the same steps in torch ops on the device, N kept there (no host read):
+:func:`merge` and :func:`update_running_`, shared with the general path.
 
-    [Σdy, Σdy·x̂]  (torch's batch-norm backward reduction)                       1
-    pack [Σdy, Σdy·x̂, 0, key] (float64);  all_reduce                            2
-    [c', b] = −[Σdy, Σdy·x̂]·R/N                                                 1
-    dx = (x − μ)·b + c' + R₁·dy   (inference kernel, then a multiply-add)         2
-
-Two plain sums of the deviations beat torch's statistics kernel at every size
-measured (20 against 40 µs on (4, 64, 8, 8), 0.8 against 3.1 ms on (8, 64, 56, 56)):
-the deviations from a shift near the mean lose nothing to cancellation, so a
-float32 sum (torch's is pairwise) keeps the variance to float32's precision.
+Two plain sums of the deviations beat torch's statistics kernel on NCHW and 2-D
+inputs (20 against 40 µs on (4, 64, 8, 8), 0.8 against 3.1 ms on (8, 64, 56, 56));
+on channels_last the kernel's single pass wins. The deviations from a shift near
+the mean lose nothing to cancellation, so float32 sums keep the variance to float32's
+precision.
 
 The shift ``s`` is a function of the layer's state alone (:func:`shift_from_state`),
 so every rank holds it bitwise alike and a resumed or unpickled layer continues
 bitwise; a layer whose state holds no usable mean (its first step, no running
 statistics, ``momentum=0``, the Paddle flavour, the functional form) exchanges
-one first (:func:`exchange_shift`: one more all-reduce of the same size).
-
-On CPU the host reads what it needs through NumPy views of the tensors (no kernel):
-the running mean's CRC for the step key, the collectives' tails, finiteness.
+one first (:func:`exchange_shift`: one more all-reduce of the same size). Every
+rank of a group runs the same merge (host or torch, decided alike on every rank),
+so all hold bitwise identical statistics whichever path their own batch takes.
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ def _host_step(
         y = torch.batch_norm(xd, scale, _acc_bias(bias, plan), mean, plan.ones, False, 0.0,
                              0.0, False)
     result: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, mean, inv_std, scale, stats, (plan, call, rows, True, y))
+        x, weight, bias, mean, inv_std, scale, stats, (plan, call, None, True, y))
     return result
 
 
@@ -629,7 +629,9 @@ class LeanBatchNormFunction(torch.autograd.Function):
         extra item the global count N (a host float on CPU, a tensor on accelerators);
         with host math ``coefficients`` is the (9, C) stats tensor of
         :func:`merge_on_host` (rows 3-4: ``−[a, a·invstd]/N``; rows 6-8 receive
-        backward's ``[c', b, c]``) and the extra item its rows, unbound."""
+        backward's ``[c', b, c]``) and the extra item ``None``. Backward reads tensors
+        only from ``saved_tensors``: a non-reentrant checkpoint swaps those for the
+        recomputed forward's."""
         ctx.meta = meta[:4]
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -664,7 +666,8 @@ class LeanBatchNormFunction(torch.autograd.Function):
             products = host[:2 * channels].reshape(2, channels) * stats[3:5]
             stats[6:8] = products
             stats[8] = products[0] - products[1] * stats[0]
-            c_prime, b, offset = extra[6], extra[7], extra[8]
+            # (from the saved tensor: a checkpoint's recompute replaces it, not ``extra``)
+            c_prime, b, offset = coefficients[6:9].unbind()
         else:
             coeffs = torch.empty((2, channels), dtype=plan.acc, device=x.device)
             packed = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward]).double()
