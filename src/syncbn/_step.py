@@ -214,11 +214,17 @@ def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: floa
 
 def host_math(device: torch.device, *tensors: Tensor | None) -> bool:
     """Whether a step's O(C) work runs on the host in NumPy (:func:`_host_step`): eager CPU
-    code (see ``_policy``) whose parameters and running buffers NumPy can view (bfloat16
-    has no NumPy dtype). Every rank of a group decides alike, so all run the same merge
-    and hold bitwise identical statistics, whichever path their own batch takes."""
+    code (see ``_policy``) whose parameters and running buffers NumPy can view (plain
+    tensors; bfloat16 has no NumPy dtype). Every rank of a group decides alike, so all
+    run the same merge and hold bitwise identical statistics, whichever path their own
+    batch takes."""
     return (_policy.host_reads(device) and not torch.compiler.is_compiling()
-            and all(t is None or t.dtype in _HOST_DTYPES for t in tensors))
+            and all(t is None or (t.dtype in _HOST_DTYPES and type(t) in _PLAIN)
+                    for t in tensors))
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+"""Tensors NumPy views: plain ones (a tensor subclass, e.g. a DTensor, keeps the torch path)."""
 
 
 _HOST_DTYPES = (torch.float32, torch.float64, torch.float16)
@@ -553,7 +559,9 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
     inf or NaN batch value as the blend does); otherwise the blend itself, two ops
     per buffer, which carries inf and NaN exactly as torch's BatchNorm does (``lerp``
     turns an infinite running value into NaN, and so does its ``w ≥ ½`` form an
-    infinite batch value).
+    infinite batch value). On the device (N, hence the gate, a tensor) the blend with a
+    tensor weight: both buffers scaled by one ``_foreach_mul_``, then an ``addcmul_``
+    each. CPU steps with NumPy-viewable buffers use :func:`update_on_host` instead.
     """
     if isinstance(merged.update, float) and merged.update == 0.0:
         return
