@@ -388,3 +388,33 @@ def test_each_plan_variant_matches_the_oracle(case: str, dtype: torch.dtype) -> 
         for result in results:
             torch.testing.assert_close(result["state"][name].double(), value.double(), **tol)
         assert torch.equal(results[0]["state"][name], results[1]["state"][name]), name
+
+
+def _resizable_task(dtype: torch.dtype) -> dict[str, bool]:
+    layer = syncbn.SyncBatchNorm(3, dtype=dtype)
+    x = torch.randn(4, 3, 5, dtype=dtype, requires_grad=True)
+    for _ in range(3):  # the first step exchanges its shift; the next ones take the lean step
+        y = layer(x)
+        y.sum().backward()
+    mask = torch.ones(4, 5, dtype=torch.bool)
+    layer(x, mask=mask).sum().backward()  # the general path
+    tensors = {**dict(layer.named_parameters()), **dict(layer.named_buffers()),
+               "weight.grad": layer.weight.grad, "bias.grad": layer.bias.grad,
+               "x.grad": x.grad, "y": y}
+    out = {}
+    for name, tensor in tensors.items():
+        storage = tensor.untyped_storage()
+        try:
+            storage.resize_(storage.nbytes())
+            out[name] = True
+        except RuntimeError:
+            out[name] = False
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_host_never_pins_the_callers_storage(dtype: torch.dtype) -> None:
+    """A NumPy view of a tensor makes its storage unresizable for good; FSDP2 frees unsharded
+    parameters by resizing theirs, so the host step views only tensors it owns."""
+    for result in harness.run_ranks(2, _resizable_task, dtype):
+        assert all(result.values()), result

@@ -85,7 +85,8 @@ def _updated(kind: str, unbiased: bool, total: float, decay: float = 0.75,
     if kind == "host":
         merged = _step.HostMerged(torch.empty(5, 2), batch_mean.numpy(), biased.numpy(),
                                   (biased * factor).numpy(), total, float(total > 1))
-        _step.update_on_host(mean, var, merged, decay, tracked)
+        _step.update_on_host(mean, var, merged, decay,
+                             None if cumulative_count is None else float(cumulative_count))
     else:
         update = float(total > 1)
         _step.update_running_(mean, var, _step.Merged(batch_mean.float(), torch.empty(2, 2),

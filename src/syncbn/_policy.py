@@ -23,7 +23,6 @@ Tests run the accelerator branch on CPU tensors with :func:`force_accelerator_po
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,41 +48,25 @@ def force_accelerator_policy() -> Iterator[None]:
 
 
 def host_bytes(tensor: torch.Tensor) -> Any:
-    """The raw bytes of a CPU tensor as a buffer (for a CRC): a NumPy view when NumPy is
-    installed (no kernel, no copy for a contiguous tensor), else the bytes of its ``tolist``."""
-    data = tensor.detach()
+    """The raw bytes of a CPU tensor as a buffer (for a CRC), through a copy of our own: a
+    NumPy view of the caller's tensor would make its storage unresizable for good (FSDP2
+    frees parameters by resizing theirs)."""
+    data = tensor.detach().clone(memory_format=torch.contiguous_format)
     try:
         try:
-            array = data.numpy()
+            return data.numpy()
         except TypeError:  # bfloat16 has no NumPy dtype: its raw bytes
-            array = data.contiguous().view(torch.uint8).numpy()
-        return array if array.flags.c_contiguous else array.copy()
+            return data.view(torch.uint8).numpy()
     except (ImportError, RuntimeError, TypeError):
         return repr(data.tolist()).encode()
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
-    """Whether every value of some small CPU tensors is finite, read on the host (no kernel).
-
-    Through the sum of every value: an inf or NaN anywhere makes it non-finite; a sum that
-    overflows although every value is finite answers False too (callers then take their
-    exact path for non-finite values, which is right for finite ones as well).
-    """
-    try:
-        total = 0.0
-        for tensor in tensors:
-            total += float(tensor.detach().numpy().sum(dtype="float64"))
-        return math.isfinite(total)
-    except (ImportError, RuntimeError, TypeError):
-        return all(math.isfinite(v) for t in tensors for v in t.detach().double().flatten()
-                   .tolist())
+    """Whether every value of some small CPU tensors is finite (the rare paths' check: CPU
+    layers whose parameters NumPy cannot view)."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors)
 
 
 def host_int(tensor: torch.Tensor) -> int:
-    """A one-value CPU tensor as a Python int, read through NumPy (no kernel; ``tolist`` of
-    a 0-d tensor copies it first), else with ``tolist``."""
-    try:
-        return int(tensor.detach().numpy().reshape(-1)[0])
-    except (ImportError, RuntimeError, TypeError):
-        value = tensor.tolist()
-        return int(value if not isinstance(value, list) else value[0])
+    """A one-value tensor as a Python int (on an accelerator: one device read)."""
+    return int(tensor.detach().reshape(-1)[0].item())

@@ -11,9 +11,11 @@ math, by the device policy (:func:`host_math`, ``_policy``):
 **CPU** (:func:`_host_step`): the host is the device, and a NumPy operation on a
 few hundred values costs a fraction of a torch dispatch, so the O(C) work (the
 shift, the packing, the merge, the running-statistics update, backward's
-coefficients) runs in float64 NumPy on views of the tensors, and torch runs only
-the input-sized kernels: 10 per layer-step (counted by ``syncbn.cli.kernels``;
-torch's own BatchNorm: 3, the floor 7)::
+coefficients) runs in float64 NumPy on tensors the step owns (the layer's small
+tensors come in by one ``cat`` and the running buffers go back by ``copy_``: a NumPy
+view of a caller's tensor would pin its storage), and torch runs only the
+input-sized kernels: 17 per layer-step (counted by ``syncbn.cli.kernels``; torch's
+own BatchNorm: 3, the floor 7)::
 
     forward    d = x − s;  [Σd, Σd²] (two sums, or torch's statistics kernel on
                channels_last);  all_reduce [Σd, Σd², n, key];  y = a·x + (β − a·μ)
@@ -191,9 +193,9 @@ def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: floa
     every rank in step and continues bitwise after a resume. Non-finite values
     (a NaN batch poisoned the running mean) count as 0, so the batch statistics
     stay those of the batch, as torch's. ``host``, a NumPy view of ``out`` (CPU host
-    math, see :func:`host_math`), computes it there (``state``: a NumPy view of the
-    running mean, if the caller holds one); otherwise one torch multiply, checked on
-    the host where reads are allowed, else by one ``nan_to_num_``.
+    math, see :func:`host_math`), computes it there (``state``: the running mean's values
+    as :func:`host_copy` gives them, if the caller holds them); otherwise one torch
+    multiply, checked on the host where reads are allowed, else by one ``nan_to_num_``.
     """
     factor = _shift_factor(running_mean is not None, steps, decay, cumulative)
     if factor is None:
@@ -201,7 +203,7 @@ def shift_from_state(running_mean: Tensor | None, steps: int | None, decay: floa
     assert running_mean is not None
     if host is not None:
         if state is None:
-            state = running_mean.detach().numpy()
+            (state,) = host_copy(running_mean)
         np.multiply(state, factor, out=host, dtype=host.dtype)
         if not np.isfinite(host).all():
             np.nan_to_num(host, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
@@ -305,18 +307,21 @@ def _host_step(
     On CPU the host is the device, and a NumPy operation on a few hundred values costs
     a fraction of a torch dispatch, so the shift, the packing, the merge, the
     running-statistics update and (in backward) the gradient coefficients run in
-    NumPy, in float64, on views of the tensors; torch runs 6 kernels forward (the
-    deviations, two sums, the all-reduce, the normalization) and 4 backward. The
-    formulas are those of the torch path (:func:`merge`, :func:`update_running_`),
-    rounded once into the accumulation dtype. A running buffer written through NumPy
-    has its autograd version bumped, as an in-place torch op would.
+    NumPy, in float64, on tensors of its own: the layer's small tensors come in by
+    one ``cat`` (:func:`host_copy`) and the running buffers go back by ``copy_``.
+    torch runs ~10 kernels forward (that cat, the count's read, the deviations, two
+    sums, the all-reduce, the normalization, the write-backs) and 5 backward. The formulas
+    are those of the torch path (:func:`merge`, :func:`update_running_`), rounded
+    once into the accumulation dtype.
     """
     channels = plan.channels
     key = plan.key_forward
-    state = None
-    if running_mean is not None:  # ranks whose running means differ are out of step
-        state = running_mean.detach().numpy()
-        key = _comm.fold_key(key, state if state.flags.c_contiguous else state.copy())
+    w, b, state, old_var = host_copy(weight, bias, running_mean, running_var)
+    if num_batches_tracked is not None:
+        steps = int(num_batches_tracked.item())
+    if state is not None:  # ranks whose running means differ are out of step
+        assert running_mean is not None
+        key = _comm.fold_key(key, state.astype(_NUMPY_DTYPES[running_mean.dtype]))
     if not shift_from_state(running_mean, steps, decay, cumulative, plan.shift,
                             plan.shift_host, state):
         plan.shift.copy_(exchange_shift(x, None, plan.group_name, plan.site, call))
@@ -341,12 +346,10 @@ def _host_step(
                           host=host)
     # rows 0-5 the forward's statistics (merge_on_host), 6-8 backward's coefficients
     stats = torch.empty((9, channels), dtype=plan.acc)
-    merged = merge_on_host(host, plan.shift_host, plan.eps, unbiased_var, stats,
-                           None if weight is None else weight.detach().numpy(),
-                           None if bias is None else bias.detach().numpy())
+    merged = merge_on_host(host, plan.shift_host, plan.eps, unbiased_var, stats, w, b)
     if update_running:
         update_on_host(running_mean, running_var, merged, decay,
-                       num_batches_tracked if cumulative else None, state)
+                       steps if cumulative else None, state, old_var)
     rows = stats.unbind()
     mean, inv_std, scale, offset = rows[0], rows[1], rows[2], rows[5]
     if plan.affine:  # y = a·x + (β − a·μ)
@@ -386,14 +389,29 @@ def _shift_factor(state: bool, steps: int | None, decay: float, cumulative: bool
     return 1.0 / (1.0 - decay ** (steps - 1))
 
 
-def count_on_host(num_batches_tracked: Tensor, recomputing: bool) -> int:
-    """``num_batches_tracked += 1`` (not in a checkpoint's recompute) through a NumPy view of
-    the CPU counter, its autograd version bumped as an in-place op would; returns the count."""
-    counter = num_batches_tracked.detach().numpy()
-    if not recomputing:
-        counter += 1
-        torch.autograd.graph.increment_version(num_batches_tracked)
-    return int(counter)
+def host_copy(*tensors: Tensor | None) -> list[Any]:
+    """The values of a layer's small floating CPU tensors (parameters, running buffers) as
+    NumPy arrays (their common dtype), ``None`` for ``None``: one ``cat`` into a tensor of
+    our own, viewed by NumPy. A NumPy view of the caller's tensor itself would make its
+    storage unresizable for good (FSDP2 frees parameters by resizing theirs), so the host
+    never views a tensor it does not own."""
+    parts = [t.detach().reshape(-1) for t in tensors if t is not None]
+    if not parts:
+        return [None] * len(tensors)
+    values = torch.cat(parts).numpy()
+    out: list[Any] = []
+    start = 0
+    for tensor in tensors:
+        if tensor is None:
+            out.append(None)
+            continue
+        end = start + tensor.numel()
+        out.append(values[start:end])
+        start = end
+    return out
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16}
 
 
 class HostMerged(NamedTuple):
@@ -462,25 +480,37 @@ def merge_on_host(host: Any, shift: Any, eps: float, unbiased_var: bool, stats: 
 
 
 def update_on_host(running_mean: Tensor | None, running_var: Tensor | None,
-                   merged: HostMerged, decay: float, num_batches_tracked: Tensor | None,
-                   state: Any = None) -> None:
-    """:func:`update_running_` in NumPy (CPU host math): ``running ← (1 − w)·running +
+                   merged: HostMerged, decay: float, count: float | None,
+                   old_mean: Any = None, old_var: Any = None) -> None:
+    """:func:`update_running_` on the host (CPU host math): ``running ← (1 − w)·running +
     w·batch``, as torch's BatchNorm writes it (inf and NaN carried alike), with
-    ``w = 1 − decay`` (or ``1/num_batches_tracked``, the cumulative average), computed
-    in float64 and rounded once; where ``N > 1``. Each buffer's autograd version is
-    bumped, as an in-place torch op would. ``state``: a NumPy view of the running mean,
-    if the caller holds one."""
+    ``w = 1 − decay`` (or ``1/count``, the cumulative average, ``count`` the host value of
+    ``num_batches_tracked``), computed in float64 and rounded once when copied into the
+    buffers (one ``copy_`` each, so their autograd versions move as with any in-place
+    op); where ``N > 1``. ``old_mean``/``old_var``: the buffers' values as
+    :func:`host_copy` gives them, if the caller holds them."""
     if merged.update == 0.0:
         return
-    weight = 1.0 - decay
-    if num_batches_tracked is not None:
-        weight = 1.0 / max(_policy.host_int(num_batches_tracked), 1.0)
-    for running, batch in ((running_mean, merged.host_mean), (running_var, merged.host_batch_var)):
+    weight = 1.0 - decay if count is None else 1.0 / max(count, 1.0)
+    runs = [t for t in (running_mean, running_var) if t is not None]
+    if not runs:
+        return
+    if (running_mean is not None and old_mean is None) or \
+            (running_var is not None and old_var is None):
+        old_mean, old_var = host_copy(running_mean, running_var)
+    new = torch.empty((len(runs), merged.host_mean.shape[0]), dtype=torch.float64)
+    rows = new.numpy()
+    row = 0
+    for running, old, batch in ((running_mean, old_mean, merged.host_mean),
+                                (running_var, old_var, merged.host_batch_var)):
         if running is not None:
-            values = state if running is running_mean and state is not None else \
-                running.detach().numpy()
-            values[...] = (1.0 - weight) * values + weight * batch
-            torch.autograd.graph.increment_version(running)
+            values = rows[row]
+            values[...] = old  # float64 from here on
+            values *= 1.0 - weight
+            values += weight * batch
+            row += 1
+    for running, value in zip(runs, new.unbind(), strict=True):
+        running.copy_(value)
 
 
 class Merged(NamedTuple):
@@ -660,12 +690,10 @@ class LeanBatchNormFunction(torch.autograd.Function):
             dy, x, plan.ones, None, None, mean, inv_std, True, 0.0, [False, True, True])
         offset = None
         if on_host:  # packed, read and combined on the host (see _host_step)
+            # through a cat: sum_dy is also grad_bias, the caller's (see host_copy)
             packed = torch.empty(2 * channels + 2, dtype=torch.float64)
             host = packed.numpy()
-            host[:channels] = sum_dy.numpy()
-            host[channels:-2] = sum_dy_xhat.numpy()
-            host[-2] = 0.0
-            host[-1] = plan.key_backward
+            host[...] = torch.cat([sum_dy, sum_dy_xhat, plan.tail_backward]).numpy()
             _comm.reduce_checked_(packed, plan.group_name, plan.site, "backward", call,
                                   x.shape, plan.key_backward, host=host)
             # [c', b] = [Σdy, Σdy·x̂]·(−[a, a·invstd]/N), and c = c' − b·μ, in float64, into

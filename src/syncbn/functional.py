@@ -361,7 +361,8 @@ def synchronized_batch_norm(
         tracked = num_batches_tracked if cumulative else None
         if isinstance(merged, _step.HostMerged):
             if not is_recomputing():
-                _step.update_on_host(running_mean, running_var, merged, decay, tracked)
+                _step.update_on_host(running_mean, running_var, merged, decay,
+                                     None if tracked is None else _policy.host_int(tracked))
         elif compiling or not runs_op_body_directly(running_mean, running_var):
             update_running_stats_(running_mean, running_var, merged.mean, merged.batch_var,
                                   count, decay, tracked)

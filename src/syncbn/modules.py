@@ -259,12 +259,10 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
         plan = fast.plan
         if tracked:
             assert counter is not None
-            if plan.reads:  # CPU: counted and read on the host
-                steps = _step.count_on_host(counter, recomputing)
-            else:
-                if not recomputing:
-                    counter.add_(1)
-                steps = self._steps()
+            if not recomputing:
+                counter.add_(1)
+            # host math reads the count with the layer's other small tensors (_step.host_copy)
+            steps = None if fast.on_host else self._steps()
         out = _step.lean_batch_norm(
             input, buffers.get("running_mean") if tracked else None,
             buffers.get("running_var") if tracked else None, params.get("weight"),
