@@ -513,8 +513,10 @@ def update_on_host(running_mean: Tensor | None, running_var: Tensor | None,
         running.copy_(value)
 
 
-class Merged(NamedTuple):
-    """Global statistics in the accumulation dtype, from the summed packing."""
+@dataclass(frozen=True)
+class Merged:
+    """Global statistics in the accumulation dtype, from the summed packing (a dataclass:
+    torch 2.10's compile loses track of a NamedTuple's property)."""
 
     mean: Tensor  # μ
     inverse_powers: Tensor  # (2, C): [(σ² + eps)^(−1/2), (σ² + eps)^(−1)], σ² biased
@@ -552,11 +554,10 @@ def merge(packed: Tensor, shift_eps: Tensor, counts: tuple[float, float] | None,
         count = counts[0]
         ratio = (count - 1.0) / count
         torch.div(sums, count - 1.0, out=q)
-        first, second = q.unbind()
-        second.addcmul_(first, first, value=-ratio).clamp_min_(0.0)
-        mean, var_eps = torch.add(shift_eps, q, alpha=ratio).unbind()  # [μ, σ² + eps]
-        batch_var = second if unbiased_var else second * ratio
-        return Merged(mean, torch.pow(var_eps, exponents), batch_var, count, 1.0)
+        q[1].addcmul_(q[0], q[0], value=-ratio).clamp_min_(0.0)
+        both = torch.add(shift_eps, q, alpha=ratio)  # [μ, σ² + eps]
+        batch_var = q[1] if unbiased_var else q[1] * ratio
+        return Merged(both[0], torch.pow(both[1], exponents), batch_var, count, 1.0)
     update: float | Tensor
     if counts is not None:
         total_host = counts[0]
@@ -571,11 +572,12 @@ def merge(packed: Tensor, shift_eps: Tensor, counts: tuple[float, float] | None,
         excess = total - 1.0
         update = excess.clamp(0.0, 1.0)  # N is a whole number: 1.0 where N > 1, else 0.0
     q[1].addcmul_(q[0], q[0], value=-1.0).clamp_min_(0.0)  # biased σ²
-    mean, var_eps = (shift_eps + q).unbind()  # [μ, σ² + eps]
+    both = shift_eps + q  # [μ, σ² + eps] (indexed, not unbound: torch 2.10's compile
+    # loses the example values of unbind's outputs passed on to an autograd Function)
     batch_var = q[1]
     if unbiased_var and isinstance(divisor, Tensor):  # σ²·N/(N − 1), or σ² where N ≤ 1
         batch_var = q[1] * torch.div(divisor, excess.clamp_min(1.0))
-    return Merged(mean, torch.pow(var_eps, exponents), batch_var, total, update)
+    return Merged(both[0], torch.pow(both[1], exponents), batch_var, total, update)
 
 
 def update_running_(running_mean: Tensor | None, running_var: Tensor | None, merged: Merged,
