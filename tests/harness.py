@@ -242,3 +242,15 @@ def core_merges(packed: Any, acc: Any = None) -> list[tuple[float, Any, Any]]:
         merged = _step.merge(packed, shift_eps, counts, acc, False)
         out.append((float(merged.total), merged.mean.double(), merged.batch_var.double()))
     return out
+
+
+def attempt(step: Callable[[], object]) -> dict[str, Any]:
+    """Run ``step`` on a rank; report the error it raised (``error``: its type name, or
+    None), its ``message`` and the ``seconds`` it took."""
+    start = time.monotonic()
+    try:
+        step()
+    except Exception as error:
+        return {"error": type(error).__name__, "message": str(error),
+                "seconds": time.monotonic() - start}
+    return {"error": None, "message": "", "seconds": time.monotonic() - start}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import time
 import warnings
 from datetime import timedelta
 from fractions import Fraction
@@ -58,16 +57,6 @@ def _warm(layer: nn.Module, x: torch.Tensor) -> None:
     layer.zero_grad()
 
 
-def _attempt(step: Any) -> dict[str, Any]:
-    start = time.monotonic()
-    try:
-        step()
-    except Exception as error:
-        return {"error": type(error).__name__, "message": str(error),
-                "seconds": time.monotonic() - start}
-    return {"error": None, "message": "", "seconds": time.monotonic() - start}
-
-
 def _global_batch(seed: int, shape: tuple[int, ...] = (8, 3, 4),
                   dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
@@ -91,7 +80,7 @@ def _twice_on_rank0() -> dict[str, Any]:
             h = layer(h)
         h.sum().backward()
 
-    return _attempt(step)
+    return harness.attempt(step)
 
 
 def test_layer_called_twice_on_one_rank_is_out_of_step_on_every_rank() -> None:
@@ -145,7 +134,7 @@ def _backward_skipped_on_rank1() -> dict[str, Any]:
         else:  # no backward this step (e.g. the loss was skipped), then the next step
             layer(x)
 
-    return _attempt(step)
+    return harness.attempt(step)
 
 
 def test_backward_skipped_on_one_rank_is_an_error_on_every_rank() -> None:
@@ -279,7 +268,7 @@ def test_inplace_above_the_bound_matches_out_of_place() -> None:
 def _eps_zero() -> dict[str, Any]:
     layer = _layer(_group())
     layer.eps = 0.0  # accepted at construction and in eval, as torch
-    return _attempt(lambda: layer(_shard(_global_batch(5)).float()))
+    return harness.attempt(lambda: layer(_shard(_global_batch(5)).float()))
 
 
 def test_eps_zero_in_training_is_torchs_error_on_two_ranks() -> None:
@@ -339,7 +328,7 @@ def _settings_differ(which: str) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"eps": 1e-5 * (1 + rank)} if which == "eps" else {
         "momentum": 0.1 * (1 + rank)}
     layer = _layer(_group(), debug=True, **kwargs)
-    return _attempt(lambda: layer(_shard(_global_batch(6)).float()))
+    return harness.attempt(lambda: layer(_shard(_global_batch(6)).float()))
 
 
 @pytest.mark.parametrize("which", ["eps", "momentum"])
@@ -370,7 +359,7 @@ def _double_backward() -> dict[str, Any]:
         (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
         grad.square().sum().backward()
 
-    return _attempt(step)
+    return harness.attempt(step)
 
 
 def test_double_backward_is_refused_naming_the_layer_on_every_rank() -> None:
@@ -425,7 +414,7 @@ def _restored_differently() -> dict[str, Any]:
     else:
         restored = syncbn.convert_sync_batchnorm(_model(), group)  # fresh: call counter 0
         restored.load_state_dict(state)
-    outcome = _attempt(lambda: _steps(restored, 3, 3))
+    outcome = harness.attempt(lambda: _steps(restored, 3, 3))
     return {**outcome, "straight": straight, "restored": restored.state_dict()}
 
 
@@ -466,7 +455,7 @@ def _bad_env_timeout(text: str) -> dict[str, Any]:
     layer = syncbn.SyncBatchNorm(3, process_group=_group())
     os.environ[TIMEOUT_ENV] = text
     try:
-        outcome = _attempt(lambda: layer(torch.randn(4, 3) + 1))
+        outcome = harness.attempt(lambda: layer(torch.randn(4, 3) + 1))
     finally:
         del os.environ[TIMEOUT_ENV]
     return {**outcome, "tracked": int(layer.num_batches_tracked),
@@ -475,7 +464,7 @@ def _bad_env_timeout(text: str) -> dict[str, Any]:
 
 def _meta_training() -> dict[str, Any]:
     layer = syncbn.SyncBatchNorm(3, device="meta", process_group=_group())
-    outcome = _attempt(lambda: layer(torch.randn(4, 3, device="meta")))
+    outcome = harness.attempt(lambda: layer(torch.randn(4, 3, device="meta")))
     return outcome
 
 

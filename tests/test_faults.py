@@ -58,17 +58,6 @@ Outcome = dict[str, Any]
 # --- rank side ------------------------------------------------------------------------------
 
 
-def _attempt(step: Callable[[], object]) -> Outcome:
-    """Run ``step``; report the error it raised (if any) and the seconds it took."""
-    start = time.monotonic()
-    try:
-        step()
-    except Exception as error:
-        return {"error": type(error).__name__, "message": str(error),
-                "seconds": time.monotonic() - start}
-    return {"error": None, "message": "", "seconds": time.monotonic() - start}
-
-
 @contextlib.contextmanager
 def _env(**values: str | None) -> Iterator[None]:
     """Set (or, with None, unset) environment variables in this rank for a while."""
@@ -129,7 +118,7 @@ def _skip_one_layer(timeout_source: str) -> Outcome:
             out = hidden if skip else model[1](hidden)
             out.sum().backward()
 
-        return _attempt(step)
+        return harness.attempt(step)
 
 
 def _skip_first_of_two(debug: bool) -> Outcome:
@@ -150,7 +139,7 @@ def _skip_first_of_two(debug: bool) -> Outcome:
         if debug:
             out.sum().backward()
 
-    return _attempt(step)
+    return harness.attempt(step)
 
 
 def _one_rank_in_eval(debug: bool) -> Outcome:
@@ -158,13 +147,13 @@ def _one_rank_in_eval(debug: bool) -> Outcome:
     model = _net(group, debug=debug)
     if dist.get_rank() == 1:
         model.eval()  # e.g. a validation branch taken on one rank only
-    return _attempt(lambda: model(_input()).sum().backward())
+    return harness.attempt(lambda: model(_input()).sum().backward())
 
 
 def _channels_differ() -> Outcome:
     """Rank r builds its layer with 4 + r channels (e.g. a config that differs per rank)."""
     model = _net(_fresh_group(), channels=4 + dist.get_rank(), debug=True)
-    return _attempt(lambda: model(_input()).sum().backward())
+    return harness.attempt(lambda: model(_input()).sum().backward())
 
 
 def _sizes_differ(kind: str) -> Outcome:
@@ -181,7 +170,7 @@ def _sizes_differ(kind: str) -> Outcome:
             hidden = model[1](hidden)
         hidden.sum().backward()
 
-    return _attempt(step)
+    return harness.attempt(step)
 
 
 def _dtypes_differ(debug: bool) -> dict[str, Any]:
@@ -195,7 +184,7 @@ def _dtypes_differ(debug: bool) -> dict[str, Any]:
     x_all = _dtype_batch()
     x = x_all[:3].float() if rank == 0 else x_all[3:].bfloat16()
     out: list[torch.Tensor] = []
-    outcome = _attempt(lambda: out.append(layer(x).detach()))
+    outcome = harness.attempt(lambda: out.append(layer(x).detach()))
     return {**outcome, "y": out[0] if out else None,
             "running_mean": layer.running_mean.clone(), "running_var": layer.running_var.clone()}
 
@@ -219,7 +208,7 @@ def _calls_differ(debug: bool) -> Outcome:
             if debug:
                 hidden.sum().backward()
 
-        return _attempt(step)
+        return harness.attempt(step)
 
 
 def _rank_dies(dying_rank: int) -> Outcome:
@@ -230,7 +219,7 @@ def _rank_dies(dying_rank: int) -> Outcome:
         out = model(_input())
         if step == 2 and dist.get_rank() == dying_rank:
             os._exit(3)  # the process dies: no exception, no cleanup, sockets closed
-        outcome = _attempt(lambda o=out: o.sum().backward())
+        outcome = harness.attempt(lambda o=out: o.sum().backward())
         if outcome["error"]:
             return {**outcome, "step": step}
         opt.step()
@@ -243,7 +232,7 @@ def _destroyed_subgroup() -> dict[str, Any]:
     layer = syncbn.SyncBatchNorm(3, process_group=group)
     layer(torch.randn(4, 3))  # works while the group lives
     dist.destroy_process_group(group)
-    outcome = _attempt(lambda: layer(torch.randn(4, 3)))
+    outcome = harness.attempt(lambda: layer(torch.randn(4, 3)))
     layer.eval()  # eval never communicates, so it needs no group
     return {**outcome, "eval_shape": tuple(layer(torch.randn(2, 3)).shape)}
 

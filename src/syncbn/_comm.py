@@ -333,8 +333,9 @@ def fold_key(key: int, data: Any) -> int:
 
 
 def fold_state(key: int, running_mean: Tensor | None) -> int:
-    """``key`` with a CRC of the running mean folded in (CPU tensors: no kernel, no copy),
-    so that ranks whose running statistics differ are out of step as well."""
+    """``key`` with a CRC of the running mean folded in (CPU tensors: read through a copy,
+    :func:`_policy.host_bytes`), so that ranks whose running statistics differ are out of
+    step as well."""
     if running_mean is None or not _policy.host_reads(running_mean.device):
         return key
     return fold_key(key, _policy.host_bytes(running_mean))

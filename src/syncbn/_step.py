@@ -14,7 +14,7 @@ shift, the packing, the merge, the running-statistics update, backward's
 coefficients) runs in float64 NumPy on tensors the step owns (the layer's small
 tensors come in by one ``cat`` and the running buffers go back by ``copy_``: a NumPy
 view of a caller's tensor would pin its storage), and torch runs only the
-input-sized kernels: 17 per layer-step (counted by ``syncbn.cli.kernels``; torch's
+input-sized kernels: 16 per layer-step (counted by ``syncbn.cli.kernels``; torch's
 own BatchNorm: 3, the floor 7)::
 
     forward    d = x − s;  [Σd, Σd²] (two sums, or torch's statistics kernel on
@@ -309,8 +309,9 @@ def _host_step(
     running-statistics update and (in backward) the gradient coefficients run in
     NumPy, in float64, on tensors of its own: the layer's small tensors come in by
     one ``cat`` (:func:`host_copy`) and the running buffers go back by ``copy_``.
-    torch runs ~10 kernels forward (that cat, the count's read, the deviations, two
-    sums, the all-reduce, the normalization, the write-backs) and 5 backward. The formulas
+    torch runs 10 kernels forward (that cat, the count's read, the deviations, two
+    sums, the all-reduce, the normalization, two write-backs; the module counts the step
+    with one more) and 5 backward. The formulas
     are those of the torch path (:func:`merge`, :func:`update_running_`), rounded
     once into the accumulation dtype.
     """
@@ -492,24 +493,18 @@ def update_on_host(running_mean: Tensor | None, running_var: Tensor | None,
     if merged.update == 0.0:
         return
     weight = 1.0 - decay if count is None else 1.0 / max(count, 1.0)
-    runs = [t for t in (running_mean, running_var) if t is not None]
-    if not runs:
-        return
     if (running_mean is not None and old_mean is None) or \
             (running_var is not None and old_var is None):
         old_mean, old_var = host_copy(running_mean, running_var)
-    new = torch.empty((len(runs), merged.host_mean.shape[0]), dtype=torch.float64)
-    rows = new.numpy()
-    row = 0
-    for running, old, batch in ((running_mean, old_mean, merged.host_mean),
-                                (running_var, old_var, merged.host_batch_var)):
-        if running is not None:
-            values = rows[row]
-            values[...] = old  # float64 from here on
-            values *= 1.0 - weight
-            values += weight * batch
-            row += 1
-    for running, value in zip(runs, new.unbind(), strict=True):
+    updates = [(running, old, batch) for running, old, batch in (
+        (running_mean, old_mean, merged.host_mean),
+        (running_var, old_var, merged.host_batch_var)) if running is not None]
+    new = torch.empty((len(updates), merged.host_mean.shape[0]), dtype=torch.float64)
+    for values, (_, old, batch) in zip(new.numpy(), updates, strict=True):
+        values[...] = old  # float64 from here on
+        values *= 1.0 - weight
+        values += weight * batch
+    for (running, _, _), value in zip(updates, new.unbind(), strict=True):
         running.copy_(value)
 
 
