@@ -23,6 +23,7 @@ host-side step (timeouts, checks, messages) happens inside the op.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import os
@@ -377,6 +378,44 @@ def _keep_until_exit(process_group: ProcessGroup) -> None:
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(process_group))
 
 
+_recent: collections.deque[Any] = collections.deque(maxlen=8)
+
+
+def hold(work: Any) -> None:
+    """Keep a finished work handle until 8 later ones have finished (or the process exits).
+
+    A collective is marked complete on gloo's worker thread a moment before that
+    thread drops its own reference to the handle. If this thread dropped its
+    reference first, the handle, and its tensors, would be freed on the worker,
+    which must take the GIL for that; when the script exits right after its last
+    collective (a one-rank job's ``backward`` and ``destroy_process_group``), the
+    interpreter may already be shutting down, and a thread that takes the GIL then
+    is ended by ``pthread_exit``: SIGABRT at exit (see :func:`keep_work`). Held
+    here, the handle is freed on this thread, by a later collective or the
+    interpreter's own teardown.
+    """
+    _recent.append(work)
+
+
+def keep_work(*handles: Any) -> None:
+    """Never free these work handles (or futures): their collective may still be pending.
+
+    A pending gloo collective ends on gloo's worker thread (a peer answers, or
+    its connection closes when it exits), and if nothing else holds the handle
+    the worker frees it there, with the tensors it holds. Freeing a tensor that
+    Python has seen takes the GIL, and a thread that takes the GIL while the
+    interpreter exits is ended by ``pthread_exit``, which unwinds through that
+    ``noexcept`` destructor: ``std::terminate``, SIGABRT, exit code -6 instead of
+    the error's 1 (measured: 4 exits in 6 of a rank that failed in
+    ``syncbn.join`` while its poison message was pending). Every handle that an
+    error leaves behind goes through here; the ones it holds are a few small
+    tensors, kept for the process's lifetime.
+    """
+    for handle in handles:
+        if handle is not None:
+            ctypes.pythonapi.Py_IncRef(ctypes.py_object(handle))
+
+
 def _wait(work: Any, timeout_s: float | None, reads: bool = True) -> None:
     """Wait for ``work``: at most ``timeout_s`` where host reads are allowed (CPU), else
     plain ``wait()``, which only orders the streams on an accelerator (``wait(timeout)``
@@ -393,10 +432,13 @@ def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
                     note: str = "") -> None:
     """Sum over the group in place, waiting at most ``site.timeout_s``; failures name the layer."""
     start = time.monotonic()
+    work = None
     try:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
         _wait(work, site.timeout_s, reads)
+        _recent.append(work)  # hold(work), inlined: one call per collective
     except RuntimeError as error:
+        keep_work(work)
         elapsed = time.monotonic() - start
         if site.timeout_s is not None and elapsed >= 0.9 * site.timeout_s:
             what = f"did not complete within {site.timeout_s:g} s"
@@ -430,9 +472,13 @@ def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
     """
     mine = torch.tensor(_fingerprint(site, phase), dtype=torch.float64, device=device)
     table = [torch.empty_like(mine) for _ in range(group_size(process_group))]
+    work = None
     try:
-        _wait(dist.all_gather(table, mine, group=process_group, async_op=True), site.timeout_s)
+        work = dist.all_gather(table, mine, group=process_group, async_op=True)
+        _wait(work, site.timeout_s)
+        hold(work)
     except RuntimeError as error:
+        keep_work(work)
         left = _abort(process_group)
         raise SyncBatchNormError(
             f"{site.describe(phase, call, shape)}: the debug fingerprint exchange failed or "
@@ -516,9 +562,13 @@ def exchange_rows(row: list[int], timeout_s: float | None) -> list[list[int]]:
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     start = time.monotonic()
+    work = None
     try:
-        _wait(dist.all_gather(table, mine, async_op=True), timeout_s)
+        work = dist.all_gather(table, mine, async_op=True)
+        _wait(work, timeout_s)
+        hold(work)
     except RuntimeError as error:
+        keep_work(work)
         left = _abort(world)
         raise SyncBatchNormError(
             f"syncbn.join: every rank of the job must enter syncbn.join together (it creates "
@@ -580,7 +630,7 @@ def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device)
     """
     buffer = torch.zeros(numel, dtype=torch.float64, device=device)
     with contextlib.suppress(RuntimeError):  # best effort: an aborted group refuses at once
-        dist.all_reduce(buffer, group=process_group, async_op=True)
+        keep_work(dist.all_reduce(buffer, group=process_group, async_op=True))
     keep_group(process_group)
 
 

@@ -146,6 +146,7 @@ class _Channel:
         self.rank = rank
         self.size = _comm.group_size(group)
         self.what = what  # "the layers' ranks" / "DDP's ranks", for messages
+        self.unread: list[Any] = []  # posted messages not read yet: pending, maybe for good
 
     def post(self, tag: float = 0.0, fields: list[float] | None = None) -> tuple[Any, Tensor]:
         message = torch.zeros(_MESSAGE, dtype=torch.float64)
@@ -157,7 +158,9 @@ class _Channel:
             message[2:2 + len(_FIELDS)] = values
             message[2 + len(_FIELDS):] = values * values
         message = message.to(self.device)
-        return _comm.post_sum(message, self.group), message
+        work = _comm.post_sum(message, self.group)
+        self.unread.append(work)
+        return work, message
 
     def read(self, posted: tuple[Any, Tensor], timeout_s: float | None) -> Tensor:
         """The summed message; raises :class:`SyncBatchNormError` on failure or poison."""
@@ -166,15 +169,23 @@ class _Channel:
         try:
             _comm.wait_work(work, timeout_s)
         except RuntimeError as error:
+            self.abandon()
             _comm.abort_group(self.group)
             raise _comm.SyncBatchNormError(
                 f"syncbn.join: rank {self.rank} waited {time.monotonic() - start:.2f} s for "
                 f"the other ranks of the join ({self.what}) and got no answer "
                 f"({str(error).strip()[:300]}); a rank may have died or stopped taking part"
             ) from error
+        self.unread = [w for w in self.unread if w is not work]
+        _comm.hold(work)
         summed = message.cpu()
         self.check(summed)
         return summed
+
+    def abandon(self) -> None:
+        """Leaving with an error: the unread messages are never freed (``_comm.keep_work``)."""
+        _comm.keep_work(*self.unread)
+        self.unread.clear()
 
     def check(self, summed: Tensor) -> None:
         failed = int(float(summed[0]) // _POISON)
@@ -551,6 +562,7 @@ class _JoinContext:
         self.channels: list[_Channel] = []  # control first, then the loop group's if another
         self.made: list[Any] = []  # groups this context created
         self.pending_ddp = False  # DDP's group may hold work a failure left pending
+        self.ddp_futures: list[Any] = []  # its bucket all-reduces, while pending
         self.failed = False
         self.join_group: Any = None
         self.device = torch.device("cpu")
@@ -736,6 +748,7 @@ class _JoinContext:
             self.ddp_shadow.before_forward()
             futures = self.ddp_shadow.start_backward()
             self.pending_ddp = bool(futures)
+            self.ddp_futures = futures
         if layers_active:
             self._replay()
         slots = self.post_slots(0.0)
@@ -747,6 +760,7 @@ class _JoinContext:
                 time.sleep(0.001)
             self.ddp_shadow.finish_backward(futures)
             self.pending_ddp = False
+            self.ddp_futures = []
         return slots
 
     def _replay(self) -> None:
@@ -790,10 +804,12 @@ class _JoinContext:
         for channel in self.channels:
             with contextlib.suppress(RuntimeError):  # an aborted group refuses at once
                 channel.post(_POISON)
+            channel.abandon()
         for group in self.made:  # work may be pending there for good
             _comm.keep_group(group)
         if self.pending_ddp and self.ddp is not None:
             _comm.keep_group(self.ddp.process_group)
+            _comm.keep_work(*self.ddp_futures)
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
