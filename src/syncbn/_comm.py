@@ -23,6 +23,7 @@ host-side step (timeouts, checks, messages) happens inside the op.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import ctypes
@@ -387,14 +388,36 @@ def hold(work: Any) -> None:
     A collective is marked complete on gloo's worker thread a moment before that
     thread drops its own reference to the handle. If this thread dropped its
     reference first, the handle, and its tensors, would be freed on the worker,
-    which must take the GIL for that; when the script exits right after its last
-    collective (a one-rank job's ``backward`` and ``destroy_process_group``), the
-    interpreter may already be shutting down, and a thread that takes the GIL then
-    is ended by ``pthread_exit``: SIGABRT at exit (see :func:`keep_work`). Held
-    here, the handle is freed on this thread, by a later collective or the
-    interpreter's own teardown.
+    which must take the GIL for that (a collective started in ``backward`` also holds
+    the Python context torch stashes for the autograd engine); when the script exits
+    right after its last collective, the interpreter may already be shutting down,
+    and a thread that takes the GIL then is ended by ``pthread_exit``: SIGABRT at
+    exit (see :func:`keep_work`). Held here, the handle is freed on this thread, by
+    a later collective or the interpreter's own teardown.
     """
     _recent.append(work)
+
+
+EXIT_GRACE_S = 0.02
+
+
+@atexit.register
+def _let_workers_finish() -> None:
+    """At exit, give the collectives' worker threads the GIL for a moment (``EXIT_GRACE_S``).
+
+    Other code's collectives (DDP's gradient buckets, a bare ``dist.all_reduce`` in a
+    custom backward) are not held as :func:`hold` holds ours: a worker may be
+    waiting for the GIL to free one when the script ends. Exit handlers run before
+    the interpreter starts shutting down, so a worker that gets the GIL here
+    finishes normally instead of being ended by the shutdown (SIGABRT). Measured:
+    two gloo ranks timing a chain of SyncBatchNorm layers against one of local
+    BatchNorms inside bare all-reduces (``tests/test_exit.py``), then
+    ``destroy_process_group``: a rank exited −6 in 17 of 40 runs without this, 0 of
+    40 with it. Only in a process that ran a SyncBatchNorm collective or still has a
+    default group.
+    """
+    if _agreed or (dist.is_available() and dist.is_initialized()):
+        time.sleep(EXIT_GRACE_S)
 
 
 def keep_work(*handles: Any) -> None:

@@ -1,0 +1,71 @@
+"""A training script with syncbn layers ends with exit code 0, every time.
+
+Two gloo processes (127.0.0.1, file rendezvous) train a chain of SyncBatchNorm
+layers and a chain of local BatchNorms whose forward and backward call a bare
+``dist.all_reduce`` (the bench's floor; DDP's gradient buckets are such
+collectives too), destroy the group and end. A collective started in
+``backward`` holds the Python context torch (2.13) stashes for the autograd
+engine; when gloo's worker thread freed such a collective's handle while the
+interpreter was shutting down it had to take the GIL there, was ended by
+``pthread_exit``, and the process died of SIGABRT ("terminate called without an
+active exception", exit −6): this test failed 3 times in 3 without syncbn's exit
+handler (``_comm._let_workers_finish``), which gives those threads the GIL for a
+moment first. See ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+RUNS = 5
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist
+    import syncbn
+    from syncbn.cli.bench import FloorBatchNorm  # local BN inside two bare all-reduces
+
+    rank, init_file = int(sys.argv[1]), sys.argv[2]
+    dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    x = torch.randn(32, 64, requires_grad=True)
+    dy = torch.randn(32, 64)
+    nets = [torch.nn.Sequential(*[syncbn.SyncBatchNorm(64) for _ in range(16)]),
+            torch.nn.Sequential(*[FloorBatchNorm(torch.nn.BatchNorm1d(64), 64, None)
+                                  for _ in range(16)])]
+    for net in nets * 2:
+        dist.barrier()
+        for _ in range(5):
+            torch.autograd.grad(net(x), [x, *net.parameters()], dy)
+    dist.destroy_process_group()
+    print("DONE", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_a_script_that_ends_after_backward_collectives_exits_0(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    for run in range(RUNS):
+        init_file = tmp_path / f"rendezvous{run}"
+        procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(init_file)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=env) for rank in range(2)]
+        try:
+            outputs = [proc.communicate(timeout=120) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
+        for rank, (proc, (out, err)) in enumerate(zip(procs, outputs, strict=True)):
+            assert "DONE" in out, (run, rank, err[-2000:])
+            assert proc.returncode == 0 and "terminate called" not in err, (
+                run, rank, proc.returncode, err[-2000:])
