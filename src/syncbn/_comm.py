@@ -443,11 +443,20 @@ def _wait(work: Any, timeout_s: float | None, reads: bool = True) -> None:
     """Wait for ``work``: at most ``timeout_s`` where host reads are allowed (CPU), else
     plain ``wait()``, which only orders the streams on an accelerator (``wait(timeout)``
     would poll the device from the host until the collective ends); the group's own
-    timeout and watchdog bound it there (see ``_policy``)."""
-    if timeout_s is None or not reads:
-        work.wait()
-    else:
-        work.wait(timedelta(seconds=timeout_s))
+    timeout and watchdog bound it there (see ``_policy``).
+
+    Every wait of syncbn's comes here, so here the handle is kept from being freed on
+    gloo's thread: held when it finished (:func:`hold`), kept for good when the wait
+    failed (:func:`keep_work`: the collective may still be pending)."""
+    try:
+        if timeout_s is None or not reads:
+            work.wait()
+        else:
+            work.wait(timedelta(seconds=timeout_s))
+    except RuntimeError:
+        keep_work(work)
+        raise
+    hold(work)
 
 
 def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite, phase: str,
@@ -455,13 +464,10 @@ def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
                     note: str = "") -> None:
     """Sum over the group in place, waiting at most ``site.timeout_s``; failures name the layer."""
     start = time.monotonic()
-    work = None
     try:
         work = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group, async_op=True)
         _wait(work, site.timeout_s, reads)
-        _recent.append(work)  # hold(work), inlined: one call per collective
     except RuntimeError as error:
-        keep_work(work)
         elapsed = time.monotonic() - start
         if site.timeout_s is not None and elapsed >= 0.9 * site.timeout_s:
             what = f"did not complete within {site.timeout_s:g} s"
@@ -495,13 +501,9 @@ def check_fingerprint(site: CallSite, phase: str, process_group: ProcessGroup,
     """
     mine = torch.tensor(_fingerprint(site, phase), dtype=torch.float64, device=device)
     table = [torch.empty_like(mine) for _ in range(group_size(process_group))]
-    work = None
     try:
-        work = dist.all_gather(table, mine, group=process_group, async_op=True)
-        _wait(work, site.timeout_s)
-        hold(work)
+        _wait(dist.all_gather(table, mine, group=process_group, async_op=True), site.timeout_s)
     except RuntimeError as error:
-        keep_work(work)
         left = _abort(process_group)
         raise SyncBatchNormError(
             f"{site.describe(phase, call, shape)}: the debug fingerprint exchange failed or "
@@ -585,13 +587,9 @@ def exchange_rows(row: list[int], timeout_s: float | None) -> list[list[int]]:
     mine = torch.tensor(row, dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     start = time.monotonic()
-    work = None
     try:
-        work = dist.all_gather(table, mine, async_op=True)
-        _wait(work, timeout_s)
-        hold(work)
+        _wait(dist.all_gather(table, mine, async_op=True), timeout_s)
     except RuntimeError as error:
-        keep_work(work)
         left = _abort(world)
         raise SyncBatchNormError(
             f"syncbn.join: every rank of the job must enter syncbn.join together (it creates "

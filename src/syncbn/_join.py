@@ -165,6 +165,8 @@ class _Channel:
     def read(self, posted: tuple[Any, Tensor], timeout_s: float | None) -> Tensor:
         """The summed message; raises :class:`SyncBatchNormError` on failure or poison."""
         work, message = posted
+        # from here _comm's wait owns the handle: held if it finishes, kept if it fails
+        self.unread = [w for w in self.unread if w is not work]
         start = time.monotonic()
         try:
             _comm.wait_work(work, timeout_s)
@@ -176,8 +178,6 @@ class _Channel:
                 f"the other ranks of the join ({self.what}) and got no answer "
                 f"({str(error).strip()[:300]}); a rank may have died or stopped taking part"
             ) from error
-        self.unread = [w for w in self.unread if w is not work]
-        _comm.hold(work)
         summed = message.cpu()
         self.check(summed)
         return summed
@@ -561,8 +561,8 @@ class _JoinContext:
         self.control: _Channel = None  # type: ignore[assignment]  # set with the recorder
         self.channels: list[_Channel] = []  # control first, then the loop group's if another
         self.made: list[Any] = []  # groups this context created
-        self.pending_ddp = False  # DDP's group may hold work a failure left pending
-        self.ddp_futures: list[Any] = []  # its bucket all-reduces, while pending
+        self.ddp_futures: list[Any] = []  # DDP's bucket all-reduces while pending: a
+        # failure then leaves work in DDP's group
         self.failed = False
         self.join_group: Any = None
         self.device = torch.device("cpu")
@@ -747,7 +747,6 @@ class _JoinContext:
         if self.ddp_shadow is not None:
             self.ddp_shadow.before_forward()
             futures = self.ddp_shadow.start_backward()
-            self.pending_ddp = bool(futures)
             self.ddp_futures = futures
         if layers_active:
             self._replay()
@@ -759,7 +758,6 @@ class _JoinContext:
                         channel.check(posted[1].cpu())
                 time.sleep(0.001)
             self.ddp_shadow.finish_backward(futures)
-            self.pending_ddp = False
             self.ddp_futures = []
         return slots
 
@@ -807,7 +805,7 @@ class _JoinContext:
             channel.abandon()
         for group in self.made:  # work may be pending there for good
             _comm.keep_group(group)
-        if self.pending_ddp and self.ddp is not None:
+        if self.ddp_futures and self.ddp is not None:
             _comm.keep_group(self.ddp.process_group)
             _comm.keep_work(*self.ddp_futures)
 
