@@ -69,8 +69,12 @@ def resolve_group(process_group: ProcessGroup | None,
         ValueError: it names a group while no default group is initialized, or
             this rank is not a member of it.
     """
+    global _resolved_a_group
     if process_group is None:
-        return dist.group.WORLD if is_distributed() else None
+        if not is_distributed():
+            return None
+        _resolved_a_group = True
+        return dist.group.WORLD
     if not dist.is_available():
         raise ValueError(
             f"{who} got a process_group, but this build of torch has no "
@@ -105,7 +109,12 @@ def resolve_group(process_group: ProcessGroup | None,
             "was destroyed, or belongs to an earlier init_process_group); create it again "
             "with torch.distributed.new_group(ranks) and give it to the layer"
         ) from error
+    _resolved_a_group = True
     return process_group
+
+
+_resolved_a_group = False
+"""Whether a layer of this process resolved a process group (see :func:`_let_workers_finish`)."""
 
 
 def is_non_member(process_group: object) -> bool:
@@ -413,10 +422,12 @@ def _let_workers_finish() -> None:
     two gloo ranks timing a chain of SyncBatchNorm layers against one of local
     BatchNorms inside bare all-reduces (``tests/test_exit.py``), then
     ``destroy_process_group``: a rank exited −6 in 17 of 40 runs without this, 0 of
-    40 with it. Only in a process that ran a SyncBatchNorm collective or still has a
-    default group.
+    40 with it. Only in a process where a SyncBatchNorm layer resolved a process
+    group, or that still has a default group: a one-rank group (no SyncBatchNorm
+    collective) whose script destroys it before exit still ran DDP's collectives
+    (README's quick start exited −6 once in CI on torch 2.14.1 before this).
     """
-    if _agreed or (dist.is_available() and dist.is_initialized()):
+    if _resolved_a_group or _agreed or is_distributed():
         time.sleep(EXIT_GRACE_S)
 
 
