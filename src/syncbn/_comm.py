@@ -27,6 +27,7 @@ import atexit
 import collections
 import contextlib
 import ctypes
+import functools
 import os
 import time
 import warnings
@@ -760,14 +761,38 @@ def _all_reduce_op(
     phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
     eps: float, decay: float, single_value_check: bool,
 ) -> Tensor:
-    """The collective in compiled code, opaque to torch.compile (see :func:`all_reduce_checked`)."""
+    """The collective in compiled code, opaque to torch.compile (see :func:`all_reduce_checked`).
+
+    Its site and step key are built once per set of constants (:func:`_op_site`), and on
+    CPU the key goes in and the tail comes out through a NumPy view: no tensor op beyond
+    the copy and the all-reduce."""
+    site, key = _op_site(layer, phase, channels, dtype, timeout_s, debug, eps, decay)
+    out, host = _keyed_copy(buffer, key)
+    reduce_checked_(out, group_name, site, phase, call_count, shape, key, single_value_check,
+                    host=host)
+    return out
+
+
+def _keyed_copy(buffer: Tensor, key: int) -> tuple[Tensor, Any]:
+    """A copy of ``buffer`` with ``key`` in its last slot, and a NumPy view of the copy where
+    host reads are allowed (CPU: the key is written and the tail read without a tensor op),
+    else ``None``."""
+    out = buffer.clone()
+    host = out.numpy() if _policy.host_reads(out.device) else None
+    if host is not None:
+        host[-1] = key
+    else:
+        out[-1] = float(key)
+    return out, host
+
+
+@functools.lru_cache(maxsize=1024)
+def _op_site(layer: str, phase: str, channels: int, dtype: str, timeout_s: float, debug: bool,
+             eps: float, decay: float) -> tuple[CallSite, int]:
+    """The :class:`CallSite` and step key of the compiled collective's constants."""
     site = CallSite(layer, channels, getattr(torch, dtype), None if timeout_s <= 0 else timeout_s,
                     debug, eps, decay)
-    key = step_key(layer, phase, channels, eps, decay)
-    out = buffer.clone()
-    out[-1] = float(key)
-    reduce_checked_(out, group_name, site, phase, call_count, shape, key, single_value_check)
-    return out
+    return site, step_key(layer, phase, channels, eps, decay)
 
 
 @_all_reduce_op.register_fake
@@ -821,9 +846,9 @@ def all_reduce_checked(buffer: Tensor, group_name: str, site: CallSite, phase: s
         return out
     if key is None:
         key = fold_state(step_key(site.layer, phase, site.channels, site.eps, site.decay), state)
-    out = buffer.clone()
-    out[-1] = float(key)
-    reduce_checked_(out, group_name, site, phase, call, shape, key, single_value_check)
+    out, host = _keyed_copy(buffer, key)
+    reduce_checked_(out, group_name, site, phase, call, shape, key, single_value_check,
+                    host=host)
     return out
 
 
