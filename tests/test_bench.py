@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from syncbn import SyncBatchNorm
 from syncbn.cli import bench as _bench
 from syncbn.functional import synchronized_batch_norm
 
@@ -160,6 +161,19 @@ def test_compiled_variants_time_and_report_compile(tmp_path: Any) -> None:
     assert "compiled syncbn <= eager syncbn, W=2, 16x12 float32" in names
     assert "compiled syncbn/compiled floor <= 1.10, W=2, 16x12 float32" in names
     assert "first call s" in _bench.format_markdown(result)
+
+
+def test_a_compiled_chain_is_one_graph_as_a_model_is_compiled(world_of_one: None) -> None:
+    # 16 graphs of one layer each would pay a compiled call's fixed cost (guards, the
+    # autograd wrappers) 16 times per step, which no compiled model pays
+    variants = _bench._make_layers(6, 4, dist.group.WORLD, compiled=True, layers=3)
+    kinds = {"syncbn_compiled": SyncBatchNorm, "local_compiled": torch.nn.BatchNorm2d}
+    for name, kind in kinds.items():
+        variant = variants[name]
+        assert variant.call._orig_mod is variant.module  # type: ignore[attr-defined]
+        assert [type(m) for m in variant.module] == [kind] * 3  # type: ignore[attr-defined]
+    floor = variants["floor_compiled"].module
+    assert len(floor) == 3 and not hasattr(variants["floor_compiled"].call, "_orig_mod")
 
 
 def test_floor_is_local_batch_norm_with_syncbn_sized_collectives(world_of_one: None) -> None:

@@ -19,8 +19,9 @@ run, interleaved in rounds (A/B/C, then B/C/A, ...) so that drift hits all alike
 
 Compiled variants (``--compile``, by default at ``W = 2`` for float32 inputs):
 ``syncbn_compiled`` and ``local_compiled`` are ``torch.compile(layer,
-fullgraph=True)``; ``floor_compiled`` is the compiled local BatchNorm inside the
-floor's two bare collectives. The first call (forward + backward, compiling)
+fullgraph=True)`` (a chain ``L@shape``: the whole chain in one graph, as a model is
+compiled); ``floor_compiled`` is the compiled local BatchNorm inside the
+floor's two bare collectives (per layer). The first call (forward + backward, compiling)
 is timed apart as ``compile_s``. A shape with ``:mask`` (``N x C x L:mask``) adds
 ``syncbn_masked``: the same layer given a random padding mask (each sample's
 length uniform in ``[L/2, L]``), beside the time of one elementwise pass over
@@ -334,10 +335,17 @@ def _make_layers(channels: int, ndim: int, group: Any, mask: Tensor | None = Non
                  compiled: bool = False, layers: int = 1) -> dict[str, _Variant]:
     """The variants of one case (each its own module), eager first, then compiled; with
     ``layers > 1`` each is a chain of that many layers (the floor: each layer with its
-    two bare collectives)."""
+    two bare collectives; the compiled syncbn and local chains: one graph each, as a
+    model is compiled, so the per-graph cost of a compiled call is paid once per chain)."""
     if layers > 1:
         chains = [_make_layers(channels, ndim, group, None, compiled) for _ in range(layers)]
-        return {name: _chain([chain[name] for chain in chains]) for name in chains[0]}
+        chained = {name: _chain([chain[name] for chain in chains]) for name in chains[0]}
+        for name in ("syncbn_compiled", "local_compiled"):
+            if name in chained:  # one graph for the whole chain, as a model is compiled
+                whole = nn.Sequential(*(layer[name].module for layer in chains))
+                chained[name] = _Variant(
+                    torch.compile(whole, fullgraph=True, dynamic=False), whole)
+        return chained
     modules: dict[str, nn.Module] = {
         "syncbn": SyncBatchNorm(channels),
         "floor": _local_bn(channels, ndim),
