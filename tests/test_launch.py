@@ -29,6 +29,11 @@ def _rank1_raises(env: DistEnv, _: None) -> int:
     return 0
 
 
+def _payload_sum(env: DistEnv, payload: bytes) -> int:
+    dist.barrier()
+    return len(payload) + sum(payload[::4096]) + env.rank
+
+
 def _rank1_dies(env: DistEnv, _: None) -> int:
     if env.rank == 1:
         os._exit(3)
@@ -45,6 +50,19 @@ def test_spawn_returns_each_ranks_code(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     expected_bonus = 100 if sys.platform.startswith("linux") else 0
     assert codes == [10 + expected_bonus, 11 + expected_bonus]
+
+
+@pytest.mark.slow
+def test_a_payload_larger_than_a_pipe_reaches_every_rank_whole() -> None:
+    # each rank's payload has a pipe and a sending thread of its own: 4 MiB is far beyond
+    # a pipe's buffer, and no rank waits for another to read first
+    payload = bytes(range(256)) * (4 * 4096)
+    expected = len(payload) + sum(payload[::4096])
+    codes = _launch.spawn(
+        _payload_sum, payload, nproc=2, backend="gloo", device="cpu",
+        port=_launch.free_port(), timeout_s=60,
+    )
+    assert codes == [expected, expected + 1]
 
 
 @pytest.mark.slow

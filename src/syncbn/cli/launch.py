@@ -22,10 +22,11 @@ import contextlib
 import datetime
 import errno
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -278,9 +279,10 @@ _Report = tuple[int, str, object]
 class _WorkerArgs(Generic[P]):
     """What one spawned rank needs besides the payload; pickled by the spawn start method.
 
-    The payload travels through a queue instead: spawn writes a process's
-    arguments into a pipe that the child reads only after importing torch, so
-    a payload larger than the pipe buffer would start the ranks one by one.
+    The payload travels through a pipe of its own, written by a thread per rank:
+    spawn writes a process's arguments into a pipe that the child reads only after
+    importing torch, so a payload larger than the pipe buffer would start the ranks
+    one by one.
     """
 
     target: Callable[[DistEnv, P], int]
@@ -295,8 +297,8 @@ class _WorkerArgs(Generic[P]):
 def _worker(
     rank: int,
     args: _WorkerArgs[P],
-    payloads: multiprocessing.Queue[P],
-    reports: multiprocessing.Queue[_Report],
+    payloads: multiprocessing.connection.Connection,
+    reports: multiprocessing.connection.Connection,
 ) -> None:
     """Body of a spawned rank: join the group, run the target, report ``(rank, kind, value)``."""
     os.environ.update(args.env)
@@ -307,7 +309,9 @@ def _worker(
     # Several ranks share few cores: one intra-op thread each avoids oversubscription.
     torch.set_num_threads(1)
     try:
-        payload = payloads.get(timeout=args.timeout_s)
+        if not payloads.poll(args.timeout_s):
+            raise TimeoutError(f"no payload from the parent within {args.timeout_s:g} s")
+        payload = payloads.recv()
         device = _rank_device(args.device, rank)
         dist.init_process_group(
             args.backend,
@@ -323,9 +327,10 @@ def _worker(
         )
         code = args.target(env, payload)
         sys.stdout.flush()
-        reports.put((rank, "exit", code))
+        reports.send((rank, "exit", code))
     except BaseException:  # report everything, KeyboardInterrupt included, then leave
-        reports.put((rank, "error", traceback.format_exc()))
+        with contextlib.suppress(OSError):  # the parent may be gone
+            reports.send((rank, "error", traceback.format_exc()))
     finally:
         # the group may be broken after a failure; exiting is what matters
         with contextlib.suppress(Exception):
@@ -333,7 +338,6 @@ def _worker(
     # Leave without the interpreter's teardown (about a second per rank with torch
     # loaded, paid N times on few cores): flush what the parent must see, then exit.
     reports.close()
-    reports.join_thread()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -368,47 +372,82 @@ def spawn(
             without reporting; the other ranks have been stopped by then.
     """
     context = multiprocessing.get_context("spawn")
-    payloads: multiprocessing.Queue[P] = context.Queue()
-    reports: multiprocessing.Queue[_Report] = context.Queue()
+    # pipes, not multiprocessing queues: a queue's locks are named semaphores, which the
+    # resource tracker sometimes reported as leaked when this process ended (seen about
+    # once in 14 runs of `syncbn check` on 2 busy cores, a UserWarning on stderr)
+    payload_pipes = [context.Pipe(duplex=False) for _ in range(nproc)]  # (child's, ours)
+    report_pipes = [context.Pipe(duplex=False) for _ in range(nproc)]  # (ours, child's)
     args = _WorkerArgs(
         target=target, world_size=nproc, port=port, backend=backend,
         device=device, timeout_s=timeout_s, env=_local_env(),
     )
     processes = [
         context.Process(
-            target=_worker, args=(rank, args, payloads, reports), name=f"syncbn-rank{rank}"
+            target=_worker, args=(rank, args, payload_pipes[rank][0], report_pipes[rank][1]),
+            name=f"syncbn-rank{rank}",
         )
         for rank in range(nproc)
     ]
+    reports = [ours for ours, _ in report_pipes]
     finished = False
     try:
-        for _ in range(nproc):
-            payloads.put(payload)  # one copy per rank, written by a background thread
         for process in processes:
             process.start()
+        for (theirs, ours), (_, their_reports) in zip(payload_pipes, report_pipes, strict=True):
+            theirs.close()  # the children hold these now: a dead child's pipe reads EOF
+            their_reports.close()
+            threading.Thread(target=_send_quietly, args=(ours, payload), daemon=True).start()
         codes = _collect(processes, reports, grace_s)
         finished = True
     finally:
         # After a failure the other ranks may sit in a collective: stop them now.
         _stop(processes, wait_s=10.0 if finished else 0.0)
-        for channel in (payloads, reports):
-            channel.close()
-            channel.cancel_join_thread()
+        for connection in [ours for _, ours in payload_pipes] + reports:
+            connection.close()
     return codes
+
+
+def _send_quietly(connection: multiprocessing.connection.Connection, payload: object) -> None:
+    """Send a rank its payload (a thread per rank: a child reads it only after importing
+    torch); a rank that died first is reported by :func:`_collect`, not here."""
+    with contextlib.suppress(OSError):
+        connection.send(payload)
+
+
+def _receive(reports: dict[multiprocessing.connection.Connection, int],
+             connection: multiprocessing.connection.Connection) -> _Report | None:
+    """One rank's report, or ``None`` once its pipe is closed (it is then forgotten)."""
+    try:
+        report: _Report = connection.recv()
+    except (EOFError, OSError):
+        del reports[connection]
+        return None
+    return report
+
+
+def _ready(reports: dict[multiprocessing.connection.Connection, int], timeout_s: float
+           ) -> list[multiprocessing.connection.Connection]:
+    """The report pipes with something to read (or closed), waiting at most ``timeout_s``."""
+    if not reports:
+        time.sleep(timeout_s)
+        return []
+    ready = multiprocessing.connection.wait(list(reports), timeout=timeout_s)
+    return [connection for connection in ready
+            if isinstance(connection, multiprocessing.connection.Connection)]
 
 
 def _collect(
     processes: Sequence[multiprocessing.process.BaseProcess],
-    reports: multiprocessing.Queue[_Report],
+    report_pipes: Sequence[multiprocessing.connection.Connection],
     grace_s: float,
 ) -> list[int]:
     """Wait for one report per rank; raise on the first error or silent death."""
     codes: dict[int, int] = {}
     dead_since: dict[int, float] = {}
+    reports = {connection: rank for rank, connection in enumerate(report_pipes)}
     while len(codes) < len(processes):
-        try:
-            rank, kind, value = reports.get(timeout=0.1)
-        except queue.Empty:
+        ready = _ready(reports, 0.1)
+        if not ready:
             now = time.monotonic()
             for rank, process in enumerate(processes):
                 if rank in codes or process.exitcode is None:
@@ -417,11 +456,16 @@ def _collect(
                 if now - dead_since.setdefault(rank, now) > grace_s:
                     raise LaunchError(_died(rank, process)) from None
             continue
-        if kind == "error":
-            raise LaunchError(_failure(processes, reports, codes, {rank: str(value)}))
-        if not isinstance(value, int):  # pragma: no cover - targets return int
-            raise LaunchError(f"rank {rank} returned {value!r} instead of an exit code")
-        codes[rank] = value
+        for connection in ready:
+            report = _receive(reports, connection)
+            if report is None:
+                continue
+            rank, kind, value = report
+            if kind == "error":
+                raise LaunchError(_failure(processes, reports, codes, {rank: str(value)}))
+            if not isinstance(value, int):  # pragma: no cover - targets return int
+                raise LaunchError(f"rank {rank} returned {value!r} instead of an exit code")
+            codes[rank] = value
     return [codes[rank] for rank in range(len(processes))]
 
 
@@ -435,7 +479,7 @@ def _died(rank: int, process: multiprocessing.process.BaseProcess) -> str:
 
 def _failure(
     processes: Sequence[multiprocessing.process.BaseProcess],
-    reports: multiprocessing.Queue[_Report],
+    reports: dict[multiprocessing.connection.Connection, int],
     codes: dict[int, int],
     errors: dict[int, str],
     settle_s: float = 1.0,
@@ -448,10 +492,10 @@ def _failure(
     """
     deadline = time.monotonic() + settle_s
     while time.monotonic() < deadline:
-        with contextlib.suppress(queue.Empty):
-            rank, kind, value = reports.get(timeout=0.05)
-            if kind == "error":
-                errors.setdefault(rank, str(value))
+        for connection in _ready(reports, 0.05):
+            report = _receive(reports, connection)
+            if report is not None and report[1] == "error":
+                errors.setdefault(report[0], str(report[2]))
     silent = [
         rank for rank, process in enumerate(processes)
         if process.exitcode not in (None, 0) and rank not in errors and rank not in codes
