@@ -72,6 +72,18 @@ def test_a_script_that_ends_after_backward_collectives_exits_0(tmp_path: Path) -
                 run, rank, proc.returncode, err[-2000:])
 
 
+def _run_one_rank(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` as a script in a fresh process (``sys.argv[1]``: a rendezvous file for a
+    one-rank gloo group); it must exit 0."""
+    script = tmp_path / "one_rank.py"
+    script.write_text(code)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")],
+                         capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run
+
+
 ONE_RANK_SCRIPT = textwrap.dedent("""
     import sys, time
     import torch, torch.distributed as dist
@@ -95,12 +107,7 @@ def test_the_exit_wait_covers_a_one_rank_group_destroyed_before_exit(tmp_path: P
     # README's quick start: a one-rank group runs no SyncBatchNorm collective, and the
     # script destroys its group, but DDP's backward collective ran: the handler must wait.
     # (Its crash is too rare to count here: once in a CI run on torch 2.14.1.)
-    script = tmp_path / "one_rank.py"
-    script.write_text(ONE_RANK_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")],
-                         capture_output=True, text=True, timeout=120, check=False,
-                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _run_one_rank(tmp_path, ONE_RANK_SCRIPT)
     assert "SLEPT [0.02]" in run.stdout, (run.stdout, run.stderr[-2000:])
 
 
@@ -130,10 +137,5 @@ def test_a_channel_leaving_with_an_error_keeps_every_message_it_has_not_read(
     # interpreter's shutdown, they ended the process with SIGABRT (see _comm.keep_work);
     # the repeated fault test above no longer sees that once _comm's wait keeps what it
     # waited on, so this checks the channel's part directly
-    script = tmp_path / "channel.py"
-    script.write_text(CHANNEL_SCRIPT)
-    run = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")],
-                         capture_output=True, text=True, timeout=120, check=False,
-                         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"})
-    assert run.returncode == 0, run.stderr[-2000:]
+    run = _run_one_rank(tmp_path, CHANNEL_SCRIPT)
     assert "KEPT [True, True] False 0" in run.stdout, (run.stdout, run.stderr[-2000:])
