@@ -151,20 +151,27 @@ def test_backward_skipped_on_one_rank_is_an_error_on_every_rank() -> None:
 
 
 def _train_variances(dtype: torch.dtype, mean: float, std: float, steps: int,
-                     state: dict[str, torch.Tensor] | None) -> list[torch.Tensor]:
+                     state: dict[str, torch.Tensor] | None, shape: tuple[int, ...] = (16, 4, 8)
+                     ) -> list[torch.Tensor]:
     layer = syncbn.SyncBatchNorm(4, dtype=dtype, process_group=_group(),
                                  timeout=LAYER_TIMEOUT_S)
     if state is not None:
         layer.load_state_dict(state)
     with harness.merges_seen() as merges:
         for step in range(steps):
-            layer(_shard(_offset_batch(step, dtype, mean, std)))
+            layer(_shard(_offset_batch(step, dtype, mean, std, shape)))
     # the biased global variance of every merge, from the running variance's (unbiased) one
     return [m.batch_var.double() * ((float(m.total) - 1.0) / float(m.total)) for m in merges]
 
 
-def _offset_batch(step: int, dtype: torch.dtype, mean: float, std: float) -> torch.Tensor:
-    x = torch.randn(16, 4, 8, generator=torch.Generator().manual_seed(100 + step),
+OFFSET_SHAPES = {"3-d": (16, 4, 8), "2-d": (128, 4)}
+"""Both input ranks the CPU lean step meets most (a 2-D input normalizes along dim 0 only, an
+N-C-L one over two dims) are checked at the offsets below."""
+
+
+def _offset_batch(step: int, dtype: torch.dtype, mean: float, std: float,
+                  shape: tuple[int, ...] = (16, 4, 8)) -> torch.Tensor:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(100 + step),
                     dtype=torch.float64)
     return (x * std + mean).to(dtype)
 
@@ -181,24 +188,26 @@ def _exact_var(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rel_var_errors(seen: list[torch.Tensor], dtype: torch.dtype, mean: float,
-                    std: float) -> list[float]:
+                    std: float, shape: tuple[int, ...] = (16, 4, 8)) -> list[float]:
     errors = []
     for step, var in enumerate(seen):
-        want = _exact_var(_offset_batch(step, dtype, mean, std).double())
+        want = _exact_var(_offset_batch(step, dtype, mean, std, shape).double())
         errors.append(float(((var.double() - want).abs() / want).max()))
     return errors
 
 
+@pytest.mark.parametrize("layout", list(OFFSET_SHAPES))
 @pytest.mark.parametrize(("mean", "std"), [(1e5, 1e-3), (1e6, 1e-2)])
-def test_float64_variance_at_mu_over_sigma_1e8(mean: float, std: float) -> None:
+def test_float64_variance_at_mu_over_sigma_1e8(mean: float, std: float, layout: str) -> None:
     """μ/σ = 1e8. Before round 2: no shift, relative error ε₆₄·(μ/σ)² (0.78 measured,
     variance often 0) at every step; round 2 fixed the steps after the first. Now every
     step, the first included (a fresh layer exchanges its shift), is within 1e-8."""
-    results = harness.run_ranks(2, _train_variances, torch.float64, mean, std, 4, None)
+    shape = OFFSET_SHAPES[layout]
+    results = harness.run_ranks(2, _train_variances, torch.float64, mean, std, 4, None, shape)
     for seen in results:
         assert len(seen) == 4
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)  # bitwise alike
-    errors = _rel_var_errors(results[0], torch.float64, mean, std)
+    errors = _rel_var_errors(results[0], torch.float64, mean, std, shape)
     assert max(errors) <= 1e-8, errors
 
 
@@ -213,15 +222,17 @@ def test_float64_checkpoint_near_the_data_is_accurate_at_its_first_step() -> Non
     assert max(errors) <= 1e-8, errors
 
 
-def test_float32_at_mean_1e4_is_within_ten_times_torchs_error() -> None:
+@pytest.mark.parametrize("layout", list(OFFSET_SHAPES))
+def test_float32_at_mean_1e4_is_within_ten_times_torchs_error(layout: str) -> None:
     """Before: 1.7e-4, 1.1e-4, 2.7e-4 at steps 1-3 (the local mean rounded to float32 before
     it was combined). Now the moments are taken about the shared shift: within 10× the
     error of torch's BatchNorm on the concatenated batch."""
-    results = harness.run_ranks(2, _train_variances, torch.float32, 1e4, 1.0, 3, None)
-    errors = _rel_var_errors(results[0], torch.float32, 1e4, 1.0)
+    shape = OFFSET_SHAPES[layout]
+    results = harness.run_ranks(2, _train_variances, torch.float32, 1e4, 1.0, 3, None, shape)
+    errors = _rel_var_errors(results[0], torch.float32, 1e4, 1.0, shape)
     torch_errors = []
     for step in range(3):
-        x = _offset_batch(step, torch.float32, 1e4, 1.0)
+        x = _offset_batch(step, torch.float32, 1e4, 1.0, shape)
         var = torch.batch_norm_update_stats(x, None, None, 0.0)[1].double()
         want = _exact_var(x.double())
         torch_errors.append(float(((var - want).abs() / want).max()))

@@ -317,7 +317,7 @@ def test_sixteen_bit_input_gradient_is_rounded_once(dtype: torch.dtype) -> None:
 
 PLAN_SHAPES = {  # (rows on rank 0, rows on rank 1, rest): which StepPlan variant each takes
     "nchw-large": ((3, 2), (8, 96, 64)),  # reuse (the output holds the deviations first)
-    "channels_last-large": ((3, 2), (8, 96, 64)),  # reuse + affine
+    "channels_last-large": ((3, 2), (8, 96, 64)),  # reuse + affine + statistics kernel
     "2d-affine": ((250, 106), (80,)),  # affine (>= 2**14 values)
     "2d-large": ((1100, 400), (128,)),  # reuse + affine
 }
@@ -353,7 +353,7 @@ def _plan_variant_task(case: str, dtype: torch.dtype) -> dict[str, Any]:
                         y.is_contiguous(), y.is_contiguous(memory_format=torch.channels_last)))
         layer.weight.grad = layer.bias.grad = None
     plan = layer._syncbn_fast.plan
-    return {"outputs": outputs, "variant": (plan.reuse, plan.affine),
+    return {"outputs": outputs, "variant": (plan.reuse, plan.affine, plan.stats_kernel),
             "state": {k: v.clone() for k, v in layer.state_dict().items()}}
 
 
@@ -361,8 +361,8 @@ def _plan_variant_task(case: str, dtype: torch.dtype) -> dict[str, Any]:
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_each_plan_variant_matches_the_oracle(case: str, dtype: torch.dtype) -> None:
     results = harness.run_ranks(2, _plan_variant_task, case, dtype)
-    expected = {"nchw-large": (True, False), "channels_last-large": (True, True),
-                "2d-affine": (False, True), "2d-large": (True, True)}[case]
+    expected = {"nchw-large": (True, False, False), "channels_last-large": (True, True, True),
+                "2d-affine": (False, True, False), "2d-large": (True, True, False)}[case]
     assert results[0]["variant"] == expected
     x, dy = _plan_batch(case, torch.float64)
     channels = x.size(1)
