@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from . import _comm, _stats
+from . import _comm, _ops, _policy, _stats
 from ._activation import Activation
 
 SingleValuePolicy = Literal["raise", "identity"]
@@ -47,7 +47,7 @@ def is_recomputing() -> bool:
     every rank alike) but the running statistics must not move a second time.
     Compiled code is never a recompute here: inside ``torch.compile`` a
     checkpoint's recompute is part of the backward graph, which does not re-run
-    the state updates (those are the custom ops below, applied once per step).
+    the state updates (those are the operators below, applied once per step).
     """
     if torch.compiler.is_compiling():
         return False
@@ -55,13 +55,12 @@ def is_recomputing() -> bool:
 
 
 def runs_op_body_directly(*tensors: Tensor | None) -> bool:
-    """True where a custom op's body may run as a plain Python call: eager code, no
+    """True where an operator's body may run as a plain Python call: eager code, no
     torch dispatch mode active (no tracing, no fake tensors), plain tensors only.
 
-    The dispatch of a ``torch.library`` custom op costs about 30 µs a call on CPU
-    (Python argument handling and redispatch), as much as several O(C) kernels;
-    the body computes the same thing either way. Compiled and traced code always
-    calls the op (it must appear in the graph).
+    Dispatching one of syncbn's operators costs a few µs a call on CPU (see ``_ops``),
+    as much as an O(C) kernel; the body computes the same thing either way. Compiled
+    and traced code always calls the operator (it must appear in the graph).
     """
     return (not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
@@ -73,19 +72,19 @@ def _count_step(num_batches_tracked: Tensor) -> None:
         num_batches_tracked.add_(1)
 
 
-@torch.library.custom_op("syncbn::count_step_", mutates_args=("num_batches_tracked",))
+@_ops.operator("count_step_", mutates_args=("num_batches_tracked",))
 def _count_step_op(num_batches_tracked: Tensor) -> None:
     """``num_batches_tracked += 1``, except inside a checkpoint's recompute (eager or compiled)."""
     _count_step(num_batches_tracked)
 
 
-@_count_step_op.register_fake
+@_ops.fake("count_step_")
 def _(num_batches_tracked: Tensor) -> None:
     return None
 
 
 def count_step_(num_batches_tracked: Tensor) -> None:
-    """``num_batches_tracked += 1``, except inside a checkpoint's recompute: the custom op
+    """``num_batches_tracked += 1``, except inside a checkpoint's recompute: the operator
     ``syncbn::count_step_`` in compiled code, its body in eager code
     (:func:`runs_op_body_directly`)."""
     if runs_op_body_directly(num_batches_tracked):
@@ -101,7 +100,7 @@ def update_running_stats_(
 ) -> None:
     """The running statistics after a compiled or traced step (:func:`_step.update_running_`).
 
-    The mutating custom op ``syncbn::update_running_stats_``, so that it runs once
+    The mutating operator ``syncbn::update_running_stats_``, so that it runs once
     per step in compiled code too; it skips itself inside a checkpoint's recompute.
     ``count`` is the global count (a (1,) float64 tensor): no update where it is ≤ 1.
     """
@@ -109,8 +108,7 @@ def update_running_stats_(
                              num_batches_tracked)
 
 
-@torch.library.custom_op("syncbn::update_running_stats_",
-                         mutates_args=("running_mean", "running_var"))
+@_ops.operator("update_running_stats_", mutates_args=("running_mean", "running_var"))
 def _update_running_stats_op(
     running_mean: Tensor | None, running_var: Tensor | None,
     mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
@@ -121,13 +119,17 @@ def _update_running_stats_op(
         return
     from . import _step
 
-    merged = _step.Merged(mean, mean, batch_var, count.to(mean.dtype),
-                          (count > 1).to(mean.dtype))
+    if _policy.host_reads(count.device):  # CPU: N read on the host, a float weight (2 ops)
+        total = float(count)
+        merged = _step.Merged(mean, mean, batch_var, total, 1.0 if total > 1.0 else 0.0)
+    else:  # the gate and the weight stay on the device
+        merged = _step.Merged(mean, mean, batch_var, count.to(mean.dtype),
+                              (count > 1).to(mean.dtype))
     _step.update_running_(running_mean, running_var, merged, decay, num_batches_tracked,
                           mean.dtype)
 
 
-@_update_running_stats_op.register_fake
+@_ops.fake("update_running_stats_")
 def _(running_mean: Tensor | None, running_var: Tensor | None,
       mean: Tensor, batch_var: Tensor, count: Tensor, decay: float,
       num_batches_tracked: Tensor | None) -> None:

@@ -16,9 +16,9 @@ fingerprint, so that ranks that disagree on the layer, the channels, the dtype,
 the phase, eps or momentum raise a readable error instead of exchanging
 mismatched buffers.
 
-The collective is a ``torch.library`` custom op (``syncbn::all_reduce``), so
-``torch.compile(fullgraph=True)`` traces a layer without a graph break: every
-host-side step (timeouts, checks, messages) happens inside the op.
+The collective is a ``torch.library`` operator (``syncbn::all_reduce``, defined by
+``_ops``), so ``torch.compile(fullgraph=True)`` traces a layer without a graph break:
+every host-side step (timeouts, checks, messages) happens inside the operator.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import _policy
+from . import _ops, _policy
 from ._checks import MAX_TIMEOUT_S, MIN_TIMEOUT_S, timeout_hint
 
 _c10d: Any
@@ -755,7 +755,7 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
     return count, total
 
 
-@torch.library.custom_op("syncbn::all_reduce", mutates_args=())
+@_ops.operator("all_reduce")
 def _all_reduce_op(
     buffer: Tensor, call_count: int, group_name: str, layer: str,
     phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
@@ -795,7 +795,7 @@ def _op_site(layer: str, phase: str, channels: int, dtype: str, timeout_s: float
     return site, step_key(layer, phase, channels, eps, decay)
 
 
-@_all_reduce_op.register_fake
+@_ops.fake("all_reduce")
 def _(buffer: Tensor, call_count: int, group_name: str, layer: str,
       phase: str, channels: int, dtype: str, shape: list[int], timeout_s: float, debug: bool,
       eps: float, decay: float, single_value_check: bool) -> Tensor:
@@ -828,7 +828,7 @@ def all_reduce_checked(buffer: Tensor, group_name: str, site: CallSite, phase: s
     ``[Σ(x − s), Σ(x − s)², count, key]``, the backward ``[Σdy, Σdy·x̂, 0, key]``
     and the shift exchange ``[Σx, 0, count, key]``. The key (:func:`step_key`) is
     written into the last slot and checked as :func:`reduce_checked_` says.
-    Compiled and traced code calls the custom op ``syncbn::all_reduce`` (it
+    Compiled and traced code calls the operator ``syncbn::all_reduce`` (it
     returns a new tensor, so ``torch.compile`` keeps it whole, with no graph
     break, and never drops it); eager code runs the same steps directly.
     ``group_name`` is the group's ``group_name`` (a string travels through a

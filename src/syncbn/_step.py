@@ -585,15 +585,14 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
     """``running ← (1 − w)·running + w·batch`` with ``w = 1 − decay`` (or
     ``1/num_batches_tracked`` for the cumulative average), where ``N > 1``.
 
-    Where host reads are allowed, ``w < ½`` and the running buffers are finite
-    (checked on the host, no kernel), one ``lerp_`` per buffer, equal to the blend up
-    to rounding (``lerp`` computes ``r + w·(b − r)`` for ``w < ½``, which carries an
-    inf or NaN batch value as the blend does); otherwise the blend itself, two ops
-    per buffer, which carries inf and NaN exactly as torch's BatchNorm does (``lerp``
-    turns an infinite running value into NaN, and so does its ``w ≥ ½`` form an
-    infinite batch value). On the device (N, hence the gate, a tensor) the blend with a
-    tensor weight: both buffers scaled by one ``_foreach_mul_``, then an ``addcmul_``
-    each. CPU steps with NumPy-viewable buffers use :func:`update_on_host` instead.
+    With a host weight (N read on the host: CPU, where the compiled step's operator
+    and the general path come here) the blend itself, both buffers at once: one
+    ``_foreach_mul_`` by ``1 − w`` and one ``_foreach_add_`` of ``w·batch``, which
+    carries inf and NaN exactly as torch's BatchNorm does (``lerp`` would turn an
+    infinite running value into NaN). On the device (N, hence the gate, a tensor) the
+    blend with a tensor weight: both buffers scaled by one ``_foreach_mul_``, then an
+    ``addcmul_`` each. Eager CPU steps with NumPy-viewable buffers use
+    :func:`update_on_host` instead.
     """
     if isinstance(merged.update, float) and merged.update == 0.0:
         return
@@ -617,11 +616,8 @@ def update_running_(running_mean: Tensor | None, running_var: Tensor | None, mer
         return
     batches = [batch if batch.dtype == running.dtype else batch.to(running.dtype)
                for running, batch in pairs]
-    if weight < 0.5 and _policy.host_reads(merged.mean.device) and _policy.all_finite(*runs):
-        torch._foreach_lerp_(runs, batches, weight)
-        return
-    for running, batch in zip(runs, batches, strict=True):
-        running.mul_(1.0 - weight).add_(batch, alpha=weight)
+    torch._foreach_mul_(runs, 1.0 - weight)
+    torch._foreach_add_(runs, batches, alpha=weight)
 
 
 def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prime: Tensor,

@@ -308,7 +308,7 @@ def synchronized_batch_norm(
     validated here. The steady state runs
     :func:`_step.lean_batch_norm`; masks, the in-place mode, a rank with at most
     one value per channel and compiled code run the general path below, whose
-    running statistics are updated by one custom op that skips itself inside a
+    running statistics are updated by one operator that skips itself inside a
     checkpoint's recompute.
     """
     if process_group is not None and input.is_meta and not torch.compiler.is_compiling():

@@ -46,7 +46,7 @@ def is_work(name: str) -> bool:
 def count_kernels(step: Callable[[], Any], steps: int = 1) -> tuple[float, Counter[str]]:
     """Kernels per call of ``step`` (averaged over ``steps`` calls) and their names.
 
-    The ``syncbn::`` custom ops themselves are wrappers of their bodies (opened up).
+    The ``syncbn::`` operators themselves are wrappers of their bodies (opened up).
     """
     try:  # torch 2.10 warns unless events are kept (acc_events) past the cycle
         prof = profile(activities=[ProfilerActivity.CPU], acc_events=True)
