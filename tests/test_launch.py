@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -32,6 +35,16 @@ def _rank1_raises(env: DistEnv, _: None) -> int:
 def _payload_sum(env: DistEnv, payload: bytes) -> int:
     dist.barrier()
     return len(payload) + sum(payload[::4096]) + env.rank
+
+
+def _rank_makes_a_semaphore(env: DistEnv, _: None) -> int:
+    # as tqdm does when torch.compile traces an autograd Function in a spawned rank
+    _LOCKS.append(multiprocessing.RLock())
+    dist.barrier()
+    return 0
+
+
+_LOCKS: list[object] = []
 
 
 def _rank1_dies(env: DistEnv, _: None) -> int:
@@ -63,6 +76,26 @@ def test_a_payload_larger_than_a_pipe_reaches_every_rank_whole() -> None:
         port=_launch.free_port(), timeout_s=60,
     )
     assert codes == [expected, expected + 1]
+
+
+@pytest.mark.slow
+def test_a_rank_that_made_a_semaphore_leaves_no_leak_warning() -> None:
+    # ranks leave by os._exit; the named semaphores they made must be unlinked first, or
+    # the resource tracker the parent shares warns of leaked semaphores at its exit
+    script = (
+        "from syncbn.cli import launch\n"
+        "import test_launch\n"
+        "print(launch.spawn(test_launch._rank_makes_a_semaphore, None, nproc=2,"
+        " backend='gloo', device='cpu', port=launch.free_port(), timeout_s=60))\n"
+    )
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(tests), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[0, 0]", run.stdout + run.stderr
+    assert "leaked" not in run.stderr and "Warning" not in run.stderr, run.stderr
 
 
 @pytest.mark.slow

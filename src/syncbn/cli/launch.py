@@ -23,6 +23,7 @@ import datetime
 import errno
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import socket
 import sys
@@ -337,6 +338,12 @@ def _worker(
             leave_group()
     # Leave without the interpreter's teardown (about a second per rank with torch
     # loaded, paid N times on few cores): flush what the parent must see, then exit.
+    # First what multiprocessing itself runs when a child's target returns: its
+    # finalizers, which unlink the named semaphores this rank created (tqdm makes one
+    # when torch.compile traces an autograd Function); skipped, the resource tracker
+    # the parent shares reports them as leaked at its exit, a UserWarning on stderr.
+    with contextlib.suppress(Exception):
+        multiprocessing.util._exit_function()  # type: ignore[attr-defined]
     reports.close()
     sys.stdout.flush()
     sys.stderr.flush()
