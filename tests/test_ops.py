@@ -61,14 +61,15 @@ def test_state_operators_change_their_arguments_as_declared() -> None:
     torch.testing.assert_close(mean, 0.1 * batch_mean)
 
 
-def test_operators_are_not_wrapped_by_custom_op() -> None:
+def test_operators_are_not_wrapped_by_custom_op_and_are_pt2_compliant() -> None:
     """The point of ``syncbn._ops``: no ``custom_op`` definition (whose Python layers run
     around every call) stands behind the hot operators."""
     from torch._library.custom_ops import OPDEFS
 
     for name in ("count_step_", "update_running_stats_", "all_reduce"):
         assert f"syncbn::{name}" not in OPDEFS, name
-        assert hasattr(torch.ops.syncbn, name)
+        # as custom_op tags them: torch.compile with only_allow_pt2_compliant_ops keeps them
+        assert torch.Tag.pt2_compliant_tag in getattr(torch.ops.syncbn, name).default.tags
 
 
 def _all_reduce_opcheck() -> dict[str, Any]:
@@ -90,3 +91,46 @@ def test_all_reduce_operator_passes_opcheck_and_sums_on_two_ranks() -> None:
                                    torch.arange(10, dtype=torch.float64) + rank)
         torch.testing.assert_close(result["out"][:-1],
                                    2 * torch.arange(9, dtype=torch.float64) + 1)
+
+
+READS = ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__")
+
+
+@pytest.mark.parametrize("cumulative", [False, True], ids=["momentum", "cumulative"])
+@pytest.mark.parametrize("total", [1.0, 5.0])
+def test_update_operator_reads_nothing_under_the_accelerator_policy(
+        cumulative: bool, total: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled update's device branch (N and the gate stay tensors) gives the host
+    branch's values and reads nothing back (``syncbn._policy``)."""
+    from syncbn import _policy
+
+    def run(policy: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        mean, var = torch.linspace(-1, 1, 5), torch.linspace(1, 2, 5)
+        batch_mean, batch_var = torch.linspace(3, 4, 5), torch.linspace(0.5, 0.7, 5)
+        count = torch.tensor(4) if cumulative else None
+        args = (mean, var, batch_mean, batch_var, torch.tensor([total], dtype=torch.float64),
+                1.0 if cumulative else 0.9, count)
+        reads: list[str] = []
+        if not policy:
+            torch.ops.syncbn.update_running_stats_.default(*args)
+            return mean, var, reads
+        with monkeypatch.context() as patch, _policy.force_accelerator_policy():
+            for name in READS:
+                original = getattr(torch.Tensor, name)
+
+                def read(self: torch.Tensor, *a: Any, _name: str = name,
+                         _original: Any = original, **k: Any) -> Any:
+                    reads.append(_name)
+                    return _original(self, *a, **k)
+
+                patch.setattr(torch.Tensor, name, read)
+            torch.ops.syncbn.update_running_stats_.default(*args)
+        return mean, var, reads
+
+    host_mean, host_var, _ = run(policy=False)
+    device_mean, device_var, reads = run(policy=True)
+    assert reads == [], reads
+    torch.testing.assert_close(device_mean, host_mean)
+    torch.testing.assert_close(device_var, host_var)
+    if total == 1.0:  # one value in the global batch: nothing moves
+        torch.testing.assert_close(host_mean, torch.linspace(-1, 1, 5))

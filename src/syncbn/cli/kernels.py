@@ -2,7 +2,7 @@
 
 A kernel here is a profiler event of an ``aten::`` or ``c10d::`` op that is not a
 view, an allocation or a wrapper, and has no such event below it (so a composite
-op counts as the kernels it runs, and a custom op's body is opened up). On an
+op counts as the kernels it runs, and a syncbn operator's body is opened up). On an
 accelerator each such op is (at least) one launch; on CPU each costs its dispatch.
 ``python -m syncbn bench --chain`` reports kernels per layer-step with it.
 """

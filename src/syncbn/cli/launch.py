@@ -338,12 +338,13 @@ def _worker(
             leave_group()
     # Leave without the interpreter's teardown (about a second per rank with torch
     # loaded, paid N times on few cores): flush what the parent must see, then exit.
-    # First what multiprocessing itself runs when a child's target returns: its
-    # finalizers, which unlink the named semaphores this rank created (tqdm makes one
-    # when torch.compile traces an autograd Function); skipped, the resource tracker
-    # the parent shares reports them as leaked at its exit, a UserWarning on stderr.
+    # First the finalizers multiprocessing runs when a child's target returns (not its
+    # join of leftover children): they unlink the named semaphores this rank created
+    # (tqdm makes one when torch.compile traces an autograd Function); skipped, the
+    # resource tracker the parent shares reports them as leaked at its exit, a
+    # UserWarning on stderr.
     with contextlib.suppress(Exception):
-        multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+        multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
     reports.close()
     sys.stdout.flush()
     sys.stderr.flush()
