@@ -97,7 +97,9 @@ ONE_RANK_SCRIPT = textwrap.dedent("""
     model(torch.randn(2, 3, 8, 8)).sum().backward()  # DDP's bucket: a backward collective
     dist.destroy_process_group()
     slept = []
-    time.sleep = slept.append
+    sleep = time.sleep
+    # recorded, and still slept: the wait is what keeps this very script from dying at exit
+    time.sleep = lambda seconds: (slept.append(seconds), sleep(seconds))
     _comm._let_workers_finish()
     print("SLEPT", slept, flush=True)
 """)
