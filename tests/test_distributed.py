@@ -12,6 +12,7 @@ from torch import nn
 import harness
 import syncbn
 from bn_cases import Case, assert_matches_oracle, run_syncbn
+from syncbn import _comm, _policy
 from syncbn.functional import sync_batch_norm
 
 CASES = {
@@ -67,18 +68,23 @@ def test_subgroups_keep_their_own_statistics() -> None:
 
 
 def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
+    """Each collective's kind, bytes sent by this rank and dtype, over a first step, a
+    second step and an eval forward."""
     calls: list[tuple[str, int, str]] = []
-    original = dist.all_reduce
+    originals = {"all_reduce": dist.all_reduce, "all_gather": dist.all_gather}
 
-    def counting(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if tensor.numel() != 2:  # not the once-per-group debug-mode check (agree_on_mode)
-            calls.append(("all_reduce", tensor.numel() * tensor.element_size(),
-                          str(tensor.dtype)))
-        return original(tensor, *args, **kwargs)
+    def counting(kind: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            tensor = args[0] if kind == "all_reduce" else args[1]
+            if tensor.numel() != 2:  # not the once-per-group debug-mode check (agree_on_mode)
+                calls.append((kind, tensor.numel() * tensor.element_size(), str(tensor.dtype)))
+            return originals[kind](*args, **kwargs)
+        return call
 
     module = syncbn.SyncBatchNorm(channels)
     x = torch.randn(3 + dist.get_rank(), channels, 4, 4, requires_grad=True)
-    dist.all_reduce = counting
+    for kind in originals:
+        setattr(dist, kind, counting(kind))
     try:
         module(x).sum().backward()  # a fresh layer exchanges its shift first
         first_calls = list(calls)
@@ -92,7 +98,8 @@ def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
                 module(x)
         eval_calls = list(calls)
     finally:
-        dist.all_reduce = original
+        for kind, original in originals.items():
+            setattr(dist, kind, original)
     return {"first": first_calls, "train": train_calls, "eval": eval_calls}
 
 
@@ -100,15 +107,91 @@ def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
 def test_one_collective_each_way_of_constant_size(world_size: int) -> None:
     channels = 16
     results = harness.run_ranks(world_size, _count_collectives, channels, True)
+    # gloo, CPU, at most GATHER_MAX_RANKS ranks: each sum is an all_gather (see _comm.gathers)
+    kind = "all_gather" if world_size <= _comm.GATHER_MAX_RANKS else "all_reduce"
     for result in results:
         # the first step: the shift exchange, then the two, all of one size
-        assert result["first"] == [("all_reduce", 8 * (2 * channels + 2), "torch.float64")] * 3
+        assert result["first"] == [(kind, 8 * (2 * channels + 2), "torch.float64")] * 3
         forward, backward = result["train"]
-        # one size both ways (so any mispairing is caught by the step key), O(C), not O(W)
-        assert forward == ("all_reduce", 8 * (2 * channels + 2), "torch.float64")
-        assert backward == ("all_reduce", 8 * (2 * channels + 2), "torch.float64")
+        # one size both ways (so any mispairing is caught by the step key); each rank
+        # sends O(C) (and, gathering, receives W times that)
+        assert forward == (kind, 8 * (2 * channels + 2), "torch.float64")
+        assert backward == (kind, 8 * (2 * channels + 2), "torch.float64")
         assert forward[1] + backward[1] == 16 * (2 * channels + 2)
         assert result["eval"] == []
+
+
+def _run_with_gather_cap(case: Case, cap: int) -> dict[str, Any]:
+    """:func:`run_syncbn` with ``_comm.GATHER_MAX_RANKS`` set to ``cap`` on this rank (0: every
+    sum is an all_reduce, the path of NCCL and of larger gloo groups)."""
+    saved = _comm.GATHER_MAX_RANKS
+    _comm.GATHER_MAX_RANKS = cap
+    try:
+        return run_syncbn(case)
+    finally:
+        _comm.GATHER_MAX_RANKS = saved
+
+
+REDUCE_CASES = ("2d-uneven-empty", "4d-uneven-empty", "4d-channels_last", "momentum-none",
+                "float32", "subgroups-2x2")
+
+
+@pytest.mark.parametrize("name", REDUCE_CASES)
+def test_the_all_reduce_path_matches_batchnorm_on_global_batch(name: str) -> None:
+    """Where syncbn sums by all_reduce (no gather: NCCL, gloo above GATHER_MAX_RANKS)."""
+    case = CASES[name]
+    results = harness.run_ranks(_world_size(case), _run_with_gather_cap, case, 0)
+    assert_matches_oracle(case, results)
+
+
+def test_gather_and_all_reduce_give_bitwise_the_same_step_on_two_ranks() -> None:
+    """At 2 ranks both sum each value once (a + b), so the two paths agree bit for bit:
+    outputs, input and parameter gradients, running statistics."""
+    case = Case(sizes=(5, 2), channels=6, steps=3, dtype="float32")
+    gathered = harness.run_ranks(2, _run_with_gather_cap, case, 8)
+    reduced = harness.run_ranks(2, _run_with_gather_cap, case, 0)
+    for mine, theirs in zip(gathered, reduced, strict=True):
+        for got, want in zip(mine["steps"], theirs["steps"], strict=True):
+            for key in ("y", "dx", "dweight", "dbias"):
+                assert torch.equal(got[key], want[key]), key
+        for key in ("running_mean", "running_var", "eval"):
+            assert torch.equal(mine[key], theirs[key]), key
+
+
+def _gather_decisions() -> dict[str, Any]:
+    cpu = torch.zeros(3)
+    world = dist.group.WORLD
+
+    class OtherBackend:  # what a non-gloo group looks like to gathers()
+        def size(self) -> int:
+            return 2
+
+        def _get_backend(self, device: torch.device) -> object:
+            return object()
+
+    class NoBackend(OtherBackend):  # a torch without _get_backend for this device
+        def _get_backend(self, device: torch.device) -> object:
+            raise RuntimeError("no backend for this device")
+
+    saved = _comm.GATHER_MAX_RANKS
+    try:
+        _comm.GATHER_MAX_RANKS = world.size() - 1
+        above_cap = _comm.gathers(world, cpu)
+    finally:
+        _comm.GATHER_MAX_RANKS = saved
+    with _policy.force_accelerator_policy():
+        accelerator = _comm.gathers(world, cpu)
+    return {"gloo": _comm.gathers(world, cpu), "above_cap": above_cap,
+            "accelerator": accelerator, "other": _comm.gathers(OtherBackend(), cpu),
+            "none": _comm.gathers(NoBackend(), cpu)}
+
+
+def test_which_groups_gather() -> None:
+    """gloo and CPU tensors under the host policy, up to GATHER_MAX_RANKS: gather; anything
+    else (above the cap, the accelerator policy, another backend): all_reduce."""
+    for decisions in harness.run_ranks(2, _gather_decisions):
+        assert decisions == {"gloo": True, "above_cap": False, "accelerator": False,
+                             "other": False, "none": False}
 
 
 # --- DDP end to end -----------------------------------------------------------------------
