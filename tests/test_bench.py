@@ -115,6 +115,9 @@ def test_syncbn_communicates_twice_within_the_byte_budget(quick_result: dict[str
         assert (floor["forward_collectives"], floor["backward_collectives"]) == (1, 1)
         assert (floor["forward_bytes"], floor["backward_bytes"]) == (
             comm["forward_bytes"], comm["backward_bytes"])
+        gather = case["comm"]["gather_floor"]  # syncbn's kind of collective here, bare
+        assert gather == {**floor, "kinds": ["all_gather"]}
+        assert comm["kinds"] == ["all_gather"] and floor["kinds"] == ["all_reduce"], comm
 
 
 @pytest.mark.slow
@@ -190,6 +193,17 @@ def test_floor_is_local_batch_norm_with_syncbn_sized_collectives(world_of_one: N
     y_ref = F.batch_norm(x_ref, None, None, bn.weight.detach(), bn.bias.detach(), True)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(dx, torch.autograd.grad(y_ref, x_ref, dy)[0])
+
+
+def test_gather_floor_sends_the_same_as_all_gathers(world_of_one: None) -> None:
+    bn = torch.nn.BatchNorm2d(6)
+    floor = _bench.FloorBatchNorm(bn, 6, dist.group.WORLD, gather=True)
+    x = torch.randn(4, 6, 3, 3, requires_grad=True)
+    with _bench.count_collectives() as forward_calls:
+        y = floor(x)
+    with _bench.count_collectives() as backward_calls:
+        torch.autograd.grad(y, x, torch.ones_like(y))
+    assert forward_calls == backward_calls == [("all_gather", 8 * (2 * 6 + 2))]
 
 
 def test_padding_mask_counts_a_prefix_of_every_sample() -> None:

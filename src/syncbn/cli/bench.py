@@ -11,6 +11,12 @@ run, interleaved in rounds (A/B/C, then B/C/A, ...) so that drift hits all alike
   syncbn's sizes (``2C + 2`` float64 after the forward, ``2C + 2`` float64 inside
   backward, :class:`FloorCollectives`): no synchronized BatchNorm that computes
   like torch can be faster, so ``syncbn/floor`` is the figure of merit;
+- ``gather_floor``: the floor with syncbn's exchange on gloo groups of up to
+  ``_comm.GATHER_MAX_RANKS`` ranks, two bare ``dist.all_gather`` calls of the same
+  sizes (``_comm.gathers``: syncbn sums its buffers that way there, in half the
+  message rounds of gloo's all-reduce). ``syncbn/floor`` compares syncbn with the
+  all-reduce floor the issue defines; ``syncbn/gather_floor`` with the collectives
+  syncbn actually runs, so it isolates syncbn's own work;
 - ``naive``: a synchronized BatchNorm written the way pure-Python implementations
   in the field do it (detectron2's ``NaiveSyncBatchNorm``): per-channel
   ``[E[x], E[x²]]`` through a differentiable all_reduce (an autograd Function whose
@@ -73,7 +79,7 @@ from .kernels import count_kernels
 __all__ = ["BenchConfig", "ShapeSpec", "main", "parse_shape", "run_bench"]
 
 SCHEMA = "syncbn-bench/1"
-VARIANTS = ("syncbn", "floor", "local", "naive")
+VARIANTS = ("syncbn", "floor", "local", "naive", "gather_floor")
 """The eager variants every case measures."""
 COMPILED_VARIANTS = ("syncbn_compiled", "floor_compiled", "local_compiled")
 MASKED_VARIANT = "syncbn_masked"
@@ -271,40 +277,55 @@ class NaiveSyncBatchNorm(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class FloorCollectives(torch.autograd.Function):
-    """The identity, plus syncbn's two collectives as bare ``dist.all_reduce`` calls.
+def _bare_collective(channels: int, group: Any, gather: bool) -> None:
+    """One bare collective of syncbn's size, ``2C + 2`` float64: an all_reduce, or an
+    all_gather of every rank's buffer (``gather``: what syncbn runs on small gloo groups)."""
+    buffer = torch.zeros(2 * channels + 2, dtype=torch.float64)
+    if gather:
+        table = torch.empty(dist.get_world_size(group), buffer.numel(), dtype=torch.float64)
+        dist.all_gather(list(table.unbind()), buffer, group=group)
+    else:
+        dist.all_reduce(buffer, group=group)
 
-    Forward all-reduces ``2C + 2`` float64 values (syncbn's forward moments, count
+
+class FloorCollectives(torch.autograd.Function):
+    """The identity, plus syncbn's two collectives as bare ``dist.all_reduce`` (or, with
+    ``gather``, ``dist.all_gather``) calls.
+
+    Forward exchanges ``2C + 2`` float64 values (syncbn's forward moments, count
     and key), backward another ``2C + 2`` (its gradient sums): the sizes syncbn
     sends, with nothing computed around them. Applied to a local BatchNorm's
     output, it makes the floor of a synchronized BatchNorm.
     """
 
     @staticmethod
-    def forward(ctx: Any, y: Tensor, channels: int, group: Any) -> Tensor:
+    def forward(ctx: Any, y: Tensor, channels: int, group: Any, gather: bool = False) -> Tensor:
         ctx.channels = channels
         ctx.group = group
-        dist.all_reduce(torch.zeros(2 * channels + 2, dtype=torch.float64), group=group)
+        ctx.gather = gather
+        _bare_collective(channels, group, gather)
         return y.view_as(y)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        dist.all_reduce(torch.zeros(2 * ctx.channels + 2, dtype=torch.float64), group=ctx.group)
-        return grad, None, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        _bare_collective(ctx.channels, ctx.group, ctx.gather)
+        return grad, None, None, None
 
 
 class FloorBatchNorm(nn.Module):
     """Local BatchNorm (``inner``, possibly compiled) inside :class:`FloorCollectives`."""
 
-    def __init__(self, inner: Callable[[Tensor], Tensor], channels: int, group: Any) -> None:
+    def __init__(self, inner: Callable[[Tensor], Tensor], channels: int, group: Any,
+                 gather: bool = False) -> None:
         super().__init__()
         self.inner = inner
         self.channels = channels
         self.group = group
+        self.gather = gather
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = FloorCollectives.apply(  # type: ignore[no-untyped-call]  # untyped stub
-            self.inner(x), self.channels, self.group)
+            self.inner(x), self.channels, self.group, self.gather)
         return out
 
 
@@ -351,6 +372,7 @@ def _make_layers(channels: int, ndim: int, group: Any, mask: Tensor | None = Non
         "floor": _local_bn(channels, ndim),
         "local": _local_bn(channels, ndim),
         "naive": NaiveSyncBatchNorm(channels, group),
+        "gather_floor": _local_bn(channels, ndim),
     }
     if mask is not None:
         modules[MASKED_VARIANT] = SyncBatchNorm(channels)
@@ -372,6 +394,8 @@ def _make_layers(channels: int, ndim: int, group: Any, mask: Tensor | None = Non
             call = torch.compile(layer, fullgraph=True, dynamic=False)
         if name.startswith("floor"):
             call = FloorBatchNorm(call, channels, group)
+        if name == "gather_floor":
+            call = FloorBatchNorm(call, channels, group, gather=True)
         if name == MASKED_VARIANT:
             masked_layer, the_mask = layer, mask
 
@@ -488,8 +512,9 @@ def count_collectives() -> Iterator[list[tuple[str, int]]]:
             setattr(dist, name, original)
 
 
-def _comm_per_step(variant: _Variant, x: Tensor, dy: Tensor) -> dict[str, int]:
-    """Collectives and bytes this rank sends in one training step, forward and backward."""
+def _comm_per_step(variant: _Variant, x: Tensor, dy: Tensor) -> dict[str, Any]:
+    """Collectives and bytes this rank sends in one training step, forward and backward,
+    and which collectives they were (``kinds``)."""
     layer = variant.module
     inputs = (x, layer.get_parameter("weight"), layer.get_parameter("bias"))
     with count_collectives() as forward_calls:
@@ -503,6 +528,7 @@ def _comm_per_step(variant: _Variant, x: Tensor, dy: Tensor) -> dict[str, int]:
         "bytes": sum(size for _, size in forward_calls + backward_calls),
         "forward_bytes": sum(size for _, size in forward_calls),
         "backward_bytes": sum(size for _, size in backward_calls),
+        "kinds": sorted({name for name, _ in forward_calls + backward_calls}),
     }
 
 
@@ -863,6 +889,8 @@ def summarize_case(spec: ShapeSpec, dtype_name: str, ranks: list[dict[str, Any]]
         "syncbn/floor": ratio("syncbn", "floor"),
         "syncbn/local": ratio("syncbn", "local"),
         "syncbn/naive": ratio("syncbn", "naive"),
+        "syncbn/gather_floor": ratio("syncbn", "gather_floor"),
+        "gather_floor/floor": ratio("gather_floor", "floor"),
         "floor/local": ratio("floor", "local"),
         "naive/local": ratio("naive", "local"),
         "syncbn/floor_cpu": ratio("syncbn", "floor", "cpu_median_ms"),
@@ -1075,7 +1103,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"1 thread per rank")
     header = (f"{'W':>2} {'shape':>16} {'dtype':>8} | {'syncbn ms [p10-p90]':>22} | "
               f"{'floor ms':>8} {'local ms':>8} {'naive ms':>8} | "
-              f"{'s/floor':>7} {'s/local':>7} {'s/naive':>7} | {'coll':>4} {'bytes':>6} | "
+              f"{'s/floor':>7} {'s/local':>7} {'s/naive':>7} {'s/gflr':>6} | "
+              f"{'coll':>4} {'bytes':>6} | "
               f"{'saved/in s,f':>12} | {'cpu ms s,f,l':>17} | {'kernels s,f,l,n':>16}")
     for run in result["runs"]:
         note = " (oversubscribed: more ranks than cores, noisy)" if run["oversubscribed"] else ""
@@ -1106,7 +1135,8 @@ def format_table(result: dict[str, Any]) -> str:
                 f"{s['median_ms']:7.3f} [{s['p10_ms']:6.2f}-{s['p90_ms']:6.2f}] | "
                 f"{t['floor']['median_ms']:8.3f} {t['local']['median_ms']:8.3f} "
                 f"{t['naive']['median_ms']:8.3f} | "
-                f"{r['syncbn/floor']:7.2f} {r['syncbn/local']:7.2f} {r['syncbn/naive']:7.2f} | "
+                f"{r['syncbn/floor']:7.2f} {r['syncbn/local']:7.2f} {r['syncbn/naive']:7.2f} "
+                f"{r['syncbn/gather_floor']:6.2f} | "
                 f"{comm['collectives']:>4} {comm['bytes']:>6} | {saved:>12} | {cpu:>17} | "
                 f"{kernels:>16}")
     compiled = _compiled_cases(result)
@@ -1177,10 +1207,11 @@ def format_markdown(result: dict[str, Any]) -> str:
             f"(p90 {latency['all_reduce_129_float32_p90']:.2f}); load average "
             f"{run['loadavg_before']} → {run['loadavg_after']}",
             "",
-            "| shape | dtype | syncbn ms | floor ms | local ms | naive ms | **syncbn/floor** "
-            "| syncbn/local | syncbn/naive | CPU ms s / f / l | coll. | bytes | "
+            "| shape | dtype | syncbn ms | floor ms | local ms | naive ms | gather floor ms "
+            "| **syncbn/floor** | syncbn/local | syncbn/naive | syncbn/gather floor "
+            "| CPU ms s / f / l | coll. | bytes | "
             "saved − input, B (s / f) | kernels/layer s / f / l / n |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for case in run["cases"]:
             t = case["times"]
@@ -1199,7 +1230,8 @@ def format_markdown(result: dict[str, Any]) -> str:
             out.append(
                 f"| {case['label']} | {case['dtype']} | {' | '.join(cells)} | "
                 f"**{r['syncbn/floor']:.2f}** | {r['syncbn/local']:.2f} | "
-                f"{r['syncbn/naive']:.2f} | {cpu} | {coll} | {memory} | {kernels} |")
+                f"{r['syncbn/naive']:.2f} | {r['syncbn/gather_floor']:.2f} | {cpu} | {coll} | "
+                f"{memory} | {kernels} |")
         out.append("")
     compiled = _compiled_cases(result)
     if compiled:
