@@ -64,6 +64,10 @@ def test_kernels_per_layer_step_on_the_host_bound_chain() -> None:
         assert count <= KERNEL_BUDGET, counts
     two_d = harness.run_ranks(2, _chain_kernels, "syncbn", (256, 64), 8)
     assert max(two_d) <= KERNEL_BUDGET, two_d
+    # the most ranks that still sum by all_gather, whose receive copies grow with W
+    widest = harness.run_ranks(_comm.GATHER_MAX_RANKS, _chain_kernels, "syncbn",
+                               (4, 64, 8, 8), 4)
+    assert max(widest) <= KERNEL_BUDGET, widest
     # the counter itself: torch's BatchNorm forward + backward + the step count
     assert _chain_kernels("local", (4, 64, 8, 8), 4) == 3
 

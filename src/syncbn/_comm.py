@@ -477,7 +477,7 @@ def _wait(work: Any, timeout_s: float | None, reads: bool = True) -> None:
     hold(work)
 
 
-GATHER_MAX_RANKS = 8
+GATHER_MAX_RANKS = 4
 """Up to this many ranks, a gloo group sums syncbn's buffers as an all_gather (see
 :func:`gathers`)."""
 
@@ -495,7 +495,11 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     repository's 2-core machine (torch 2.13, 130 float64, medians of 60 × 20 calls):
     472–1522 µs per all_reduce against 272–655 µs per all_gather at 2 ranks, 5.4 against
     3.6 ms at 4 (oversubscribed). The gather moves ``(W − 1)·n`` values into each rank
-    where the ring all-reduce moves ``2(W − 1)/W·n``, hence the cap on ``W``. The sum
+    where the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
+    rows out of its receive buffer (small copies, but ``W`` ops: a layer-step then
+    runs ``16 + 2W`` ops, 20 at 2 ranks, by ``syncbn.cli.kernels``' count, against
+    16 with the all-reduce), hence the cap on ``W``, which keeps that within the
+    issue's bound of 25. The sum
     of the rows is exact to one rounding per row, as the all-reduce's, and the same
     code on the same rows gives every rank bitwise the same result (it is then as
     deterministic as the all-reduce, or more). NCCL keeps its all-reduce (its small
