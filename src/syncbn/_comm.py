@@ -10,7 +10,7 @@ exchanges buffers of the same size and is caught by the step key.
 The sum is an ``all_reduce``, except on gloo groups of at most
 :data:`GATHER_MAX_RANKS` ranks (CPU): there it is an ``all_gather`` of every
 rank's buffer and a sum of the rows in rank order, which takes half the message
-rounds of gloo's all-reduce and measured 1.7–2.4× faster at 2 ranks
+rounds of gloo's all-reduce and measured 2.3–2.4× faster at 2 ranks
 (:func:`gathers`). Every rank of a group decides alike.
 
 Every collective knows its :class:`CallSite`; a failure or a timeout becomes a
@@ -492,9 +492,9 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     gloo's all_reduce runs a reduce-scatter and then an all-gather, twice the
     message rounds of one all_gather, and syncbn's buffers (``2C + 2`` values) are
     small enough that the rounds, not the bytes, set the time. Measured on this
-    repository's 2-core machine (torch 2.13, 130 float64, medians of 60 × 20 calls):
-    472–1522 µs per all_reduce against 272–655 µs per all_gather at 2 ranks, 5.4 against
-    3.6 ms at 4 (oversubscribed). The gather moves ``(W − 1)·n`` values into each rank
+    repository's 2-core machine (torch 2.13, 130 float64, medians of 60 × 20 calls, two
+    runs): 1136 and 1522 µs per all_reduce against 475 and 655 µs per all_gather at 2
+    ranks; 5.4 against 3.6 ms at 4 (oversubscribed). The gather moves ``(W − 1)·n`` values into each rank
     where the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
     rows out of its receive buffer (small copies, but ``W`` ops: a layer-step then
     runs ``16 + 2W`` ops, 20 at 2 ranks, by ``syncbn.cli.kernels``' count, against
