@@ -494,8 +494,8 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     small enough that the rounds, not the bytes, set the time. Measured on this
     repository's 2-core machine (torch 2.13, 130 float64, medians of 60 × 20 calls, two
     runs): 1136 and 1522 µs per all_reduce against 475 and 655 µs per all_gather at 2
-    ranks; 5.4 against 3.6 ms at 4 (oversubscribed). The gather moves ``(W − 1)·n`` values into each rank
-    where the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
+    ranks; 5.4 against 3.6 ms at 4 (oversubscribed). The gather moves ``(W − 1)·n``
+    values into each rank where the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
     rows out of its receive buffer (small copies, but ``W`` ops: a layer-step then
     runs ``16 + 2W`` ops, 20 at 2 ranks, by ``syncbn.cli.kernels``' count, against
     16 with the all-reduce), hence the cap on ``W``, which keeps that within the
