@@ -492,19 +492,20 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     gloo's all_reduce runs a reduce-scatter and then an all-gather, twice the
     message rounds of one all_gather, and syncbn's buffers (``2C + 2`` values) are
     small enough that the rounds, not the bytes, set the time. Measured on this
-    repository's 2-core machine (torch 2.13, 130 float64, medians of 60 × 20 calls, two
-    runs): 1136 and 1522 µs per all_reduce against 475 and 655 µs per all_gather at 2
-    ranks; 5.4 against 3.6 ms at 4 (oversubscribed). The gather moves ``(W − 1)·n``
-    values into each rank where the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
-    rows out of its receive buffer (small copies, but ``W`` ops: a layer-step then
-    runs ``16 + 2W`` ops, 20 at 2 ranks, by ``syncbn.cli.kernels``' count, against
-    16 with the all-reduce), hence the cap on ``W``, which keeps that within the
-    issue's bound of 25. The sum
-    of the rows is exact to one rounding per row, as the all-reduce's, and the same
-    code on the same rows gives every rank bitwise the same result (it is then as
-    deterministic as the all-reduce, or more). NCCL keeps its all-reduce (its small
-    all-reduces are latency-optimized, and a gather would add a kernel), as do CUDA
-    tensors on gloo.
+    repository's 2-core machine (torch 2.13, 130 float64, medians of 60 × 20 calls,
+    two runs): 1136 and 1522 µs per all_reduce against 475 and 655 µs per all_gather
+    at 2 ranks; 5.4 against 3.6 ms at 4 (oversubscribed).
+
+    Why a cap on ``W``: the gather moves ``(W − 1)·n`` values into each rank where
+    the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
+    received rows out of its buffer (small copies, but ``W`` ops: a layer-step runs
+    ``16 + 2W`` ops by ``syncbn.cli.kernels``' count, 16 with the all-reduce), which
+    the cap keeps within the issue's bound of 25.
+
+    The sum of the rows is exact to one rounding per row, as the all-reduce's, and
+    the same code on the same rows gives every rank bitwise the same result. NCCL
+    keeps its all-reduce (its small all-reduces are latency-optimized, and a gather
+    would add a kernel), as do CUDA tensors on gloo.
 
     Every rank of a group decides alike (the backend and the size are the group's),
     which matters: the ranks of one collective must all gather or all reduce.
