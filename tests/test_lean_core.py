@@ -24,7 +24,7 @@ from torch import nn
 
 import harness
 import syncbn
-from syncbn import _comm, _policy
+from syncbn import _comm, _policy, _step
 from syncbn import paddle_compat as pnn
 from syncbn.cli.kernels import count_kernels
 
@@ -315,6 +315,66 @@ def test_sixteen_bit_input_gradient_is_rounded_once(dtype: torch.dtype) -> None:
     assert leaf16.grad is not None
     ours, theirs = _dx_error(dx, x, dy), _dx_error(leaf16.grad, x, dy)
     assert ours <= 3 * theirs, (ours, theirs)
+
+
+# --- channels_last: the statistics kernel on x itself near 0, on the deviations far away -------
+
+CL_SHAPE = (8, 8, 16, 16)  # 4 rows per rank: 1024 values per channel per rank
+
+
+def _cl_batch(step: int, mean: float, std: float) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(300 + step)
+    x = torch.randn(CL_SHAPE, generator=gen, dtype=torch.float64) * std + mean
+    return x.float().contiguous(memory_format=torch.channels_last)
+
+
+def _cl_stats_task(mean: float, std: float, steps: int) -> dict[str, Any]:
+    taken: list[bool] = []
+    original = _step.near_shift
+
+    def spy(shift: Any, running_var: Any) -> bool:
+        taken.append(original(shift, running_var))
+        return taken[-1]
+
+    rows = slice(4 * dist.get_rank(), 4 * dist.get_rank() + 4)
+    layer = syncbn.SyncBatchNorm(CL_SHAPE[1])
+    _step.near_shift = spy  # type: ignore[assignment]
+    try:
+        with harness.merges_seen() as merges:
+            for step in range(steps):
+                layer(_cl_batch(step, mean, std)[rows])
+    finally:
+        _step.near_shift = original  # type: ignore[assignment]
+    return {"taken": taken,
+            "vars": [m.batch_var.double() * ((float(m.total) - 1) / float(m.total))
+                     for m in merges]}
+
+
+@pytest.mark.parametrize(("mean", "std", "direct"), [(0.3, 1.0, True), (3.0, 1.0, True),
+                                                     (1e4, 1.0, False)],
+                         ids=["mu-0.3", "mu-3-sigma", "mu-1e4"])
+def test_channels_last_statistics_near_zero_skip_the_deviations(
+        mean: float, std: float, direct: bool) -> None:
+    """The CPU step's channels_last statistics: torch's kernel on x itself where every
+    shift is within 4 running σ of 0 (one pass fewer), on x − s farther away. Either
+    way the variance is within 10× the error of torch's own kernel on the concatenated
+    batch, and far away (μ/σ = 1e4, where that kernel loses ~1e-4) within 1e-6."""
+    steps = 4
+    results = harness.run_ranks(2, _cl_stats_task, mean, std, steps)
+    for result in results:  # every step (the first exchanges its shift, then decides too)
+        assert result["taken"] == [direct] * steps, result["taken"]
+    assert all(torch.equal(a, b) for a, b in zip(results[0]["vars"], results[1]["vars"],
+                                                 strict=True))
+    errors, torch_errors = [], []
+    for step, var in enumerate(results[0]["vars"]):
+        x = _cl_batch(step, mean, std)
+        want = x.double().var((0, 2, 3), unbiased=False)
+        errors.append(float(((var - want).abs() / want).max()))
+        kernel = torch.batch_norm_update_stats(x, None, None, 0.0)[1].double()
+        torch_errors.append(float(((kernel - want).abs() / want).max()))
+    assert max(errors) <= 10 * max(max(torch_errors), 1e-7), (errors, torch_errors)
+    if not direct:
+        assert max(errors) <= 1e-6 < max(torch_errors), (errors, torch_errors)
 
 
 # --- the plan's variants: the output as scratch, y and dx as broadcast multiply-adds ----------

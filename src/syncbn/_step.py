@@ -14,29 +14,33 @@ shift, the packing, the merge, the running-statistics update, backward's
 coefficients) runs in float64 NumPy on tensors the step owns (the layer's small
 tensors come in by one ``cat`` and the running buffers go back by ``copy_``: a NumPy
 view of a caller's tensor would pin its storage), and torch runs only the
-input-sized kernels: 16 per layer-step (counted by ``syncbn.cli.kernels``; torch's
-own BatchNorm: 3, the floor 7)::
+input-sized kernels: 16 per layer-step with an all-reduce, 16 + 2W with gloo's
+all_gather (``_comm.gathers``), one fewer on channels_last near 0 (counted by
+``syncbn.cli.kernels``; torch's own BatchNorm: 3, the floor 7)::
 
     forward    d = x − s;  [Σd, Σd²] (two sums, or torch's statistics kernel on
-               channels_last);  all_reduce [Σd, Σd², n, key];  y = a·x + (β − a·μ)
+               channels_last, there on x itself when every |s| ≤ 4 running σ:
+               :func:`near_shift`);  sum over ranks [Σd, Σd², n, key];  y = a·x + (β − a·μ)
                (torch's inference kernel, or a multiply-add: channels_last, large 2-D)
-    backward   [Σdy, Σdy·x̂] (torch's backward reduction);  all_reduce;
+    backward   [Σdy, Σdy·x̂] (torch's backward reduction);  sum over ranks;
                dx = (x − μ)·b + c' + a·dy  (inference kernel or multiply-add, then one)
 
 **Accelerators** (and CPU layers with bfloat16 parameters, which NumPy cannot view):
 the same steps in torch ops on the device, N kept there (no host read):
 :func:`merge` and :func:`update_running_`, shared with the general path.
 
-Two plain sums of the deviations beat torch's statistics kernel on NCHW and 2-D
-inputs (20 against 40 µs on (4, 64, 8, 8), 0.8 against 3.1 ms on (8, 64, 56, 56));
-on channels_last the kernel's single pass wins. The deviations from a shift near
-the mean lose nothing to cancellation, so float32 sums keep the variance to a few
-float32 roundings (~2e-7 relative, whatever the count). The kernel accumulates in
-float32, so its error, that of torch's own BatchNorm on the same input, grows with
-the values per channel (measured on N(0.3, 1), max over channels: 3e-7 at 256, 1.1e-6
-at 4096, 2.8e-6 at 16384); on 2-D inputs it would save two kernels but measured no
-faster in the step (1.46–1.80 against 1.43–1.87 ms on (256, 1024)), so 2-D keeps the
-sums and their precision.
+Two plain sums of the deviations beat torch's statistics kernel on contiguous
+inputs, N-C-spatial and 2-D (20 against 40 µs on (4, 64, 8, 8), 0.8 against 3.1 ms
+on (8, 64, 56, 56)); on channels_last the kernel's single pass wins, and near 0
+(every shift within 4 running σ) it runs on ``x`` itself, one pass fewer
+(:func:`near_shift`). The deviations from a shift near the mean lose nothing to
+cancellation, so float32 sums keep the variance to a few float32 roundings (~2e-7
+relative, whatever the count). The kernel accumulates in float32, so its error,
+that of torch's own BatchNorm on the same input, grows with the values per channel
+(measured on N(0.3, 1), max over channels: 3e-7 at 256, 1.1e-6 at 4096, 2.8e-6 at
+16384); on 2-D inputs it would save two kernels but measured no faster in the step
+(1.46–1.80 against 1.43–1.87 ms on (256, 1024)), so 2-D keeps the sums and their
+precision.
 
 The shift ``s`` is a function of the layer's state alone (:func:`shift_from_state`),
 so every rank holds it bitwise alike and a resumed or unpickled layer continues
@@ -316,7 +320,9 @@ def _host_step(
     one ``cat`` (:func:`host_copy`) and the running buffers go back by ``copy_``.
     torch runs 10 kernels forward (that cat, the count's read, the deviations, two
     sums, the all-reduce, the normalization, two write-backs; the module counts the step
-    with one more) and 5 backward. The formulas
+    with one more; channels_last: the statistics kernel instead of the two sums, on ``x``
+    itself where :func:`near_shift` allows, without the deviations) and 5 backward
+    (gloo's all_gather adds its receive copies, see ``_comm.gathers``). The formulas
     are those of the torch path (:func:`merge`, :func:`update_running_`), rounded
     once into the accumulation dtype.
     """
@@ -333,17 +339,25 @@ def _host_step(
         plan.shift.copy_(exchange_shift(x, None, plan.group_name, plan.site, call))
     xd = x.detach()
     out = torch.empty_like(xd) if plan.reuse else None
-    d = torch.sub(xd, plan.shift_view,
-                  out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
     packed = torch.empty(2 * channels + 2, dtype=torch.float64)
     host = packed.numpy()
-    if plan.stats_kernel:  # one pass: torch's statistics kernel gives Σd/n and the biased
+    if plan.stats_kernel and near_shift(plan.shift_host, old_var):
+        # torch's statistics kernel on x itself: one pass, no deviations (see near_shift)
+        mean_x, var_x = torch.batch_norm_update_stats(xd, None, None, 0.0)
+        m = mean_x.numpy().astype(np.float64) - plan.shift_host
+        np.multiply(m, plan.count, out=host[:channels])
+        host[channels:-2] = (var_x.numpy() + m * m) * plan.count
+    elif plan.stats_kernel:  # one pass: torch's statistics kernel gives Σd/n and the biased
         # variance, so Σd = n·m and Σd² = n·(v + m²) (m is small: d is centred near 0)
+        d = torch.sub(xd, plan.shift_view,
+                      out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
         mean_d, var_d = torch.batch_norm_update_stats(d, None, None, 0.0)
         m = mean_d.numpy().astype(np.float64)
         np.multiply(m, plan.count, out=host[:channels])
         host[channels:-2] = (var_d.numpy() + m * m) * plan.count
     else:
+        d = torch.sub(xd, plan.shift_view,
+                      out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
         host[:channels] = d.sum(plan.dims).numpy()
         host[channels:-2] = d.square_().sum(plan.dims).numpy()
     host[-2] = plan.count
@@ -372,6 +386,34 @@ def _host_step(
     result: Tensor = LeanBatchNormFunction.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, mean, inv_std, scale, stats, (plan, call, None, True, y))
     return result
+
+
+NEAR_SIGMAS = 4.0
+"""How close to 0 (in running standard deviations) every channel's shift must be for the
+statistics kernel to run on the input itself (:func:`near_shift`)."""
+
+
+def near_shift(shift: Any, running_var: Any) -> bool:
+    """Whether the CPU step may take torch's statistics kernel on ``x`` itself instead of on
+    the deviations ``x − s`` (one read-and-write pass of the input fewer: 3.2–3.3 against
+    3.5–3.9 ms per (8, 64, 56, 56) channels_last step, one rank): where every channel's
+    shift, and so its mean, lies within :data:`NEAR_SIGMAS` running standard deviations
+    of 0 (``|s| ≤ k·√running_var``; NumPy arrays; ``None`` without running statistics →
+    False).
+
+    Why it is safe there: the kernel accumulates in float32, so its mean carries an
+    error of order ε·|μ| and its variance one of order ε·(|μ|/σ)² relative. Where
+    ``|μ| ≲ 4σ`` that is the error of torch's own BatchNorm on the same values (the
+    same kernel), and the merge (``Σd = n·(m − s)``, ``Σd² = n·(v + (m − s)²)`` in
+    float64) adds none. Far from 0 (μ/σ = 1e4) the deviations keep the variance to a
+    few roundings where the kernel on ``x`` would lose ~1e-4 of it, so they stay.
+    A NaN or infinite running variance fails the test. The decision reads only the
+    layer's state, so ranks in step decide alike, though nothing needs them to: the
+    packed sums mean the same either way, and every rank merges the same sums.
+    """
+    if running_var is None:
+        return False
+    return bool(np.all(np.abs(shift) <= NEAR_SIGMAS * np.sqrt(running_var)))
 
 
 def _acc_bias(bias: Tensor | None, plan: StepPlan) -> Tensor | None:
