@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+import types
 from typing import Any
 
 import pytest
@@ -30,6 +33,8 @@ CASES = {
     "float32": Case(sizes=(4, 3), dtype="float32", channels=5),
     "bfloat16": Case(sizes=(4, 3), dtype="bfloat16"),
     "subgroups-2x2": Case(sizes=(3, 1), groups=((0, 1), (2, 3))),
+    # the widest group that sums by all_gather (GATHER_MAX_RANKS), uneven with an empty rank
+    "4-ranks-uneven-empty": Case(sizes=(2, 0, 3, 1), spatial=(3,)),
 }
 
 
@@ -67,21 +72,33 @@ def test_subgroups_keep_their_own_statistics() -> None:
 # --- communication: counted, not timed --------------------------------------------------
 
 
-def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
+def _count_collectives(channels: int, eval_alone: bool, cap: int | None = None
+                       ) -> dict[str, Any]:
     """Each collective's kind, bytes sent by this rank and dtype, over a first step, a
-    second step and an eval forward."""
+    second step and an eval forward (``cap``: ``GATHER_MAX_RANKS`` on this rank)."""
+    saved = _comm.GATHER_MAX_RANKS
+    if cap is not None:
+        _comm.GATHER_MAX_RANKS = cap
+    try:
+        return _count_collectives_here(channels, eval_alone)
+    finally:
+        _comm.GATHER_MAX_RANKS = saved
+
+
+def _count_collectives_here(channels: int, eval_alone: bool) -> dict[str, Any]:
     calls: list[tuple[str, int, str]] = []
     originals = {"all_reduce": dist.all_reduce, "all_gather": dist.all_gather}
 
     def counting(kind: str) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
             tensor = args[0] if kind == "all_reduce" else args[1]
-            if tensor.numel() != 2:  # not the once-per-group debug-mode check (agree_on_mode)
+            if tensor.numel() != 3:  # not the once-per-group debug-mode check (agree_on_mode)
                 calls.append((kind, tensor.numel() * tensor.element_size(), str(tensor.dtype)))
             return originals[kind](*args, **kwargs)
         return call
 
-    module = syncbn.SyncBatchNorm(channels)
+    # debug off whatever SYNCBN_DEBUG says: no fingerprint all_gathers among the counted
+    module = syncbn.SyncBatchNorm(channels, debug=False)
     x = torch.randn(3 + dist.get_rank(), channels, 4, 4, requires_grad=True)
     for kind in originals:
         setattr(dist, kind, counting(kind))
@@ -103,12 +120,14 @@ def _count_collectives(channels: int, eval_alone: bool) -> dict[str, Any]:
     return {"first": first_calls, "train": train_calls, "eval": eval_calls}
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_one_collective_each_way_of_constant_size(world_size: int) -> None:
+@pytest.mark.parametrize(("world_size", "cap"), [(2, None), (4, None), (2, 0)],
+                         ids=["2-gather", "4-gather", "2-all_reduce"])
+def test_one_collective_each_way_of_constant_size(world_size: int, cap: int | None) -> None:
     channels = 16
-    results = harness.run_ranks(world_size, _count_collectives, channels, True)
+    results = harness.run_ranks(world_size, _count_collectives, channels, True, cap)
     # gloo, CPU, at most GATHER_MAX_RANKS ranks: each sum is an all_gather (see _comm.gathers)
-    kind = "all_gather" if world_size <= _comm.GATHER_MAX_RANKS else "all_reduce"
+    gathering = world_size <= (_comm.GATHER_MAX_RANKS if cap is None else cap)
+    kind = "all_gather" if gathering else "all_reduce"
     for result in results:
         # the first step: the shift exchange, then the two, all of one size
         assert result["first"] == [(kind, 8 * (2 * channels + 2), "torch.float64")] * 3
@@ -173,6 +192,10 @@ def _gather_decisions() -> dict[str, Any]:
         def _get_backend(self, device: torch.device) -> object:
             raise RuntimeError("no backend for this device")
 
+    class Wrapped(OtherBackend):  # TORCH_DISTRIBUTED_DEBUG=DETAIL wraps the backend
+        def _get_backend(self, device: torch.device) -> object:
+            return types.SimpleNamespace(wrapped_pg=world._get_backend(device))
+
     saved = _comm.GATHER_MAX_RANKS
     try:
         _comm.GATHER_MAX_RANKS = world.size() - 1
@@ -183,7 +206,7 @@ def _gather_decisions() -> dict[str, Any]:
         accelerator = _comm.gathers(world, cpu)
     return {"gloo": _comm.gathers(world, cpu), "above_cap": above_cap,
             "accelerator": accelerator, "other": _comm.gathers(OtherBackend(), cpu),
-            "none": _comm.gathers(NoBackend(), cpu)}
+            "none": _comm.gathers(NoBackend(), cpu), "wrapped": _comm.gathers(Wrapped(), cpu)}
 
 
 def test_which_groups_gather() -> None:
@@ -191,7 +214,32 @@ def test_which_groups_gather() -> None:
     else (above the cap, the accelerator policy, another backend): all_reduce."""
     for decisions in harness.run_ranks(2, _gather_decisions):
         assert decisions == {"gloo": True, "above_cap": False, "accelerator": False,
-                             "other": False, "none": False}
+                             "other": False, "none": False, "wrapped": True}
+
+
+def _one_rank_would_all_reduce() -> dict[str, Any]:
+    """Rank 1 runs the accelerator policy (as a rank with CUDA tensors on a gloo group
+    would): it would all-reduce where rank 0 gathers."""
+    layer = syncbn.SyncBatchNorm(3, timeout=5.0, process_group=dist.new_group([0, 1]))
+    x = torch.randn(4, 3, 5, requires_grad=True)
+    start = time.monotonic()
+    policy = (_policy.force_accelerator_policy() if dist.get_rank() == 1
+              else contextlib.nullcontext())
+    try:
+        with policy:
+            layer(x)
+    except syncbn.SyncBatchNormError as error:
+        return {"error": str(error), "seconds": time.monotonic() - start}
+    return {"error": None, "seconds": time.monotonic() - start}
+
+
+def test_ranks_that_would_sum_differently_fail_at_once_on_every_rank() -> None:
+    """Before the first collective of a group every rank compares how it would sum: an
+    all_gather paired with an all_reduce would wait for the timeout on both."""
+    for rank, result in enumerate(harness.run_ranks(2, _one_rank_would_all_reduce)):
+        assert result["error"] is not None, f"rank {rank} did not raise"
+        assert "1 of 2 ranks would sum by all_gather" in result["error"], result["error"]
+        assert result["seconds"] < 2.0, result
 
 
 # --- DDP end to end -----------------------------------------------------------------------

@@ -350,7 +350,8 @@ def test_skipped_layer_raises_on_the_waiting_rank(
     # a layer timeout is reported as such; gloo's own timeout arrives as a failure
     waited = "failed after" if timeout_source == "group" else (
         f"did not complete within {LAYER_TIMEOUT_S:g} s")
-    assert f"the all_reduce over 2 ranks {waited}" in message
+    # the message names the collective: gloo groups of up to 4 ranks sum by all_gather
+    assert f"the all_gather over 2 ranks {waited}" in message
     assert "skipped this layer" in message and f"{DEBUG_ENV}=1" in message  # the hint
     _assert_waited(waiting, wait_s)
     _record(record_property, waiting["seconds"])
@@ -394,7 +395,7 @@ def test_one_rank_in_eval_is_a_timeout_naming_the_layer(
     assert re.match(_site("1", "forward", 0, CHANNELS, "float32", f"({BATCH}, {CHANNELS})"),
                     message), message
     # a fresh group's first collective is preceded by the once-per-group debug-mode check
-    whats = ("the debug-mode check", "the debug fingerprint exchange", "the all_reduce over 2")
+    whats = ("the debug-mode check", "the debug fingerprint exchange", "the all_gather over 2")
     assert any(w in message for w in whats), message
     assert "eval mode while the others train" in message, message
     _assert_waited(training, LAYER_TIMEOUT_S)
@@ -540,7 +541,7 @@ def test_dead_rank_makes_the_survivors_raise_promptly(
         outcome = outcomes[rank]
         assert outcome["error"] == "SyncBatchNormError" and outcome["step"] == 2, outcome
         assert re.match(_site("1", "backward", 2, CHANNELS, "float32", f"({BATCH}, {CHANNELS})")
-                        + ": the all_reduce over 3 ranks failed", outcome["message"]), outcome
+                        + ": the all_gather over 3 ranks failed", outcome["message"]), outcome
         assert "or died" in outcome["message"]
         # the closed connection is seen at once: no waiting for the (10 s) timeout
         assert outcome["seconds"] < PROMPT_S, outcome

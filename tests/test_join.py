@@ -20,6 +20,7 @@ from torch.distributed.algorithms.join import JoinHook
 
 import harness
 import syncbn
+from syncbn import _comm
 from syncbn import paddle_compat as pnn
 from syncbn._comm import TIMEOUT_ENV
 
@@ -169,6 +170,29 @@ def test_join_equals_one_process_on_the_active_ranks_batches(
     results = harness.run_ranks(len(counts), _train_ranks, counts, use_ddp, broadcast_buffers,
                                 variant, timeout=TIMEOUT_S)
     record_property("seconds", max(r["seconds"] for r in results))
+    _assert_matches(results, _oracle(counts, use_ddp), counts, use_ddp)
+
+
+def _with_all_reduce(task: Any, *args: Any) -> Any:
+    """Run ``task`` with syncbn summing by all_reduce on this rank (``GATHER_MAX_RANKS`` 0):
+    the path of NCCL and of larger gloo groups, whose join shadows and mismatch messages
+    must pair all-reduces."""
+    saved = _comm.GATHER_MAX_RANKS
+    _comm.GATHER_MAX_RANKS = 0
+    try:
+        return task(*args)
+    finally:
+        _comm.GATHER_MAX_RANKS = saved
+
+
+@pytest.mark.parametrize(("counts", "use_ddp"), [
+    pytest.param([3, 1, 2], True, id="W3-ddp"),
+    pytest.param([0, 2, 0], False, id="W3-plain-two-with-zero-batches"),
+])
+def test_join_on_the_all_reduce_path_equals_one_process(counts: list[int],
+                                                         use_ddp: bool) -> None:
+    results = harness.run_ranks(len(counts), _with_all_reduce, _train_ranks, counts, use_ddp,
+                                True, "", timeout=TIMEOUT_S)
     _assert_matches(results, _oracle(counts, use_ddp), counts, use_ddp)
 
 
@@ -358,6 +382,19 @@ def test_layer_skipped_in_the_last_step_is_an_error_on_every_rank(
         assert "syncbn.join" in result["error"], result["error"]
         assert "drop_last=True" in result["error"], result["error"]
     assert "'extra' forward" in results[1]["error"]
+    assert max(r["seconds"] for r in results) < 10  # the group's timeout is 20 s
+
+
+def test_layer_skipped_on_the_all_reduce_path_is_an_error_on_every_rank(
+        own_pool: harness.DistPool) -> None:
+    """The mismatch message the active rank sends into the joined rank's replay pairs
+    the joined rank's collective: an all_reduce here (an all_gather on small gloo
+    groups), else the joined rank waits for its timeout."""
+    results = own_pool.run(_with_all_reduce, _skipped_branch, [2, 3], False,
+                           timeout=TIMEOUT_S)
+    for rank, result in enumerate(results):
+        assert result["error"] is not None, f"rank {rank} did not raise"
+        assert "syncbn.join" in result["error"], result["error"]
     assert max(r["seconds"] for r in results) < 10  # the group's timeout is 20 s
 
 

@@ -2,8 +2,9 @@
 
 One sum over the group per direction, both through :func:`all_reduce_checked` and
 both ``2C + 2`` values (the forward moments, or the backward gradient sums, then
-a count slot and a step key): each rank sends ``16·(2C + 2)`` bytes per step in
-float64. Both are of one size whatever the direction, so any mispairing (ranks
+a count slot and a step key): each rank hands the collectives ``16·(2C + 2)``
+bytes per step in float64 (an all_gather then delivers ``W − 1`` such buffers to
+each rank). Both are of one size whatever the direction, so any mispairing (ranks
 at different layers, or one rank's backward against another's forward)
 exchanges buffers of the same size and is caught by the step key.
 
@@ -11,7 +12,8 @@ The sum is an ``all_reduce``, except on gloo groups of at most
 :data:`GATHER_MAX_RANKS` ranks (CPU): there it is an ``all_gather`` of every
 rank's buffer and a sum of the rows in rank order, which takes half the message
 rounds of gloo's all-reduce and measured 2.3–2.4× faster at 2 ranks
-(:func:`gathers`). Every rank of a group decides alike.
+(:func:`gathers`). Every rank of a group decides alike (checked once per group by
+:func:`agree_on_mode`).
 
 Every collective knows its :class:`CallSite`; a failure or a timeout becomes a
 :class:`SyncBatchNormError` that names the layer, the call, the phase and the
@@ -507,8 +509,13 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     keeps its all-reduce (its small all-reduces are latency-optimized, and a gather
     would add a kernel), as do CUDA tensors on gloo.
 
-    Every rank of a group decides alike (the backend and the size are the group's),
-    which matters: the ranks of one collective must all gather or all reduce.
+    The ranks of one collective must all gather or all reduce (an all_gather paired
+    with an all_reduce waits for the timeout). The group's backend and size are alike
+    on every rank; the tensor's device and the policy are each rank's own, so
+    :func:`agree_on_mode` compares the answers once per group, before the first
+    collective, and a disagreement (a gloo group mixing CPU and CUDA tensors) is an
+    error on every rank at once. Under ``TORCH_DISTRIBUTED_DEBUG=DETAIL`` torch wraps
+    the backend in a checking wrapper: the wrapped backend decides.
     """
     if not _policy.host_reads(tensor.device) or process_group.size() > GATHER_MAX_RANKS:
         return False
@@ -516,14 +523,18 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
         backend = process_group._get_backend(tensor.device)
     except (AttributeError, RuntimeError, ValueError):
         return False
+    backend = getattr(backend, "wrapped_pg", backend)  # TORCH_DISTRIBUTED_DEBUG=DETAIL
     return isinstance(backend, getattr(dist, "ProcessGroupGloo", ()))
 
 
-def _start_sum(tensor: Tensor, process_group: ProcessGroup) -> tuple[Any, Tensor | None]:
-    """Start summing ``tensor`` over the group (:func:`gathers` says how); the work handle
-    and, for a gather, the ``(W, numel)`` table that :func:`_finish_sum` sums once the
-    work is done."""
-    if gathers(process_group, tensor):
+def _start_sum(tensor: Tensor, process_group: ProcessGroup, gather: bool | None = None
+               ) -> tuple[Any, Tensor | None]:
+    """Start summing ``tensor`` over the group (an all_gather where ``gather``, by default
+    :func:`gathers`' answer, else an all_reduce); the work handle and, for a gather, the
+    ``(W, numel)`` table that :func:`_finish_sum` sums once the work is done."""
+    if gather is None:
+        gather = gathers(process_group, tensor)
+    if gather:
         table = tensor.new_empty((process_group.size(), tensor.numel()))
         work = dist.all_gather(list(table.unbind()), tensor.reshape(-1), group=process_group,
                                async_op=True)
@@ -538,20 +549,26 @@ def _finish_sum(tensor: Tensor, table: Tensor | None) -> None:
     dispatch: this runs once per collective on the host)."""
     if table is None:
         return
-    flat = tensor.detach().view(-1)
-    if flat.dtype in (torch.float32, torch.float64):
-        np.add.reduce(table.numpy(), axis=0, out=flat.numpy())
-    else:
-        torch.sum(table, 0, out=flat)
+    values = tensor.detach()
+    if values.dim() == 1 and values.is_contiguous() and values.dtype in _NUMPY_SUMS:
+        np.add.reduce(table.numpy(), axis=0, out=values.numpy())
+    else:  # syncbn's buffers are 1-D float32/64; anything else by torch, row by row too
+        values.copy_(table.sum(0).view_as(values))
+
+
+_NUMPY_SUMS = (torch.float32, torch.float64)
 
 
 def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite, phase: str,
                     call: object, shape: tuple[int, ...], reads: bool = True,
-                    note: str = "") -> None:
-    """Sum over the group in place, waiting at most ``site.timeout_s``; failures name the layer."""
+                    note: str = "", gather: bool | None = None) -> None:
+    """Sum over the group in place (see :func:`gathers`; ``gather`` overrides it), waiting
+    at most ``site.timeout_s``; failures name the layer and the collective."""
     start = time.monotonic()
+    if gather is None:
+        gather = gathers(process_group, tensor)
     try:
-        work, table = _start_sum(tensor, process_group)
+        work, table = _start_sum(tensor, process_group, gather)
         _wait(work, site.timeout_s, reads)
         _finish_sum(tensor, table)
     except RuntimeError as error:
@@ -562,7 +579,8 @@ def _all_reduce_sum(tensor: Tensor, process_group: ProcessGroup, site: CallSite,
             what = f"failed after {elapsed:.2f} s"
         left = _abort(process_group)
         raise SyncBatchNormError(
-            f"{site.describe(phase, call, shape)}: the all_reduce over "
+            f"{site.describe(phase, call, shape)}: the "
+            f"{'all_gather' if gather else 'all_reduce'} over "
             f"{group_size(process_group)} ranks {what} ({str(error).strip()[:300]}){note}; "
             f"{_hint(site.debug)}; {left}"
         ) from error
@@ -749,21 +767,27 @@ _agreed: set[tuple[str, int]] = set()
 def agree_on_mode(process_group: ProcessGroup, group_name: str, site: CallSite, phase: str,
                   device: torch.device, call: object, shape: tuple[int, ...]) -> None:
     """Once per group and process, before its first SyncBatchNorm collective: every rank
-    adds ``[debug on here, 1]`` (2 float64) and reads the sum.
+    adds ``[debug on here, 1, gathers here]`` (3 float64, by an all_reduce whatever
+    :func:`gathers` says) and reads the sum.
 
     Debug mode exchanges a fingerprint before each collective, so a rank in debug mode
     (``SYNCBN_DEBUG`` set on one node, or ``debug=True`` on one rank's layer) paired with
-    ranks that are not would wait for a partner that never comes; here every rank
-    raises instead, at once, naming how many ranks are in debug mode. One host read,
-    once (accelerators included). Its errors describe the collective it precedes.
+    ranks that are not would wait for a partner that never comes; likewise a rank that
+    sums by all_gather paired with ranks that all-reduce (:func:`gathers`: a gloo group
+    whose ranks hold CPU and CUDA tensors). Here every rank raises instead, at once,
+    naming how many ranks differ. One host read, once (accelerators included). Its
+    errors describe the collective it precedes.
 
     Raises:
-        SyncBatchNormError: some ranks are in debug mode and others are not.
+        SyncBatchNormError: some ranks are in debug mode and others are not, or some
+            ranks would sum by all_gather and others by all_reduce.
     """
-    flags = torch.tensor([1.0 if site.debug else 0.0, 1.0], dtype=torch.float64, device=device)
-    _all_reduce_sum(flags, process_group, site, phase, call, shape,
+    gather = gathers(process_group, torch.empty(0, device=device))
+    flags = torch.tensor([1.0 if site.debug else 0.0, 1.0, 1.0 if gather else 0.0],
+                         dtype=torch.float64, device=device)
+    _all_reduce_sum(flags, process_group, site, phase, call, shape, gather=False,
                     note=" (the debug-mode check, once per group before its first collective)")
-    debug_ranks, size = flags.tolist()
+    debug_ranks, size, gathering = flags.tolist()
     _agreed.add((group_name, id(process_group)))
     if debug_ranks not in (0.0, size):
         raise SyncBatchNormError(
@@ -772,6 +796,14 @@ def agree_on_mode(process_group: ProcessGroup, group_name: str, site: CallSite, 
             f"{'on' if site.debug else 'off'}); in debug mode every collective is preceded "
             f"by a fingerprint exchange, so every rank must agree: set {DEBUG_ENV} (or the "
             "layers' debug=) alike on every rank"
+        )
+    if gathering not in (0.0, size):
+        raise SyncBatchNormError(
+            f"{site.describe(phase, call, shape)}: {gathering:.0f} of {size:.0f} ranks would "
+            f"sum by all_gather (gloo, CPU tensors) and the others by all_reduce (this rank: "
+            f"{'all_gather' if gather else 'all_reduce'}, its input on {device}); the ranks "
+            "of a group must pair the same collective: give every rank's layers inputs on "
+            "the same kind of device"
         )
 
 
@@ -820,7 +852,7 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
         if total != size * key:
             raise SyncBatchNormError(
                 f"{site.describe(phase, shown, shape_t)}: the ranks are out of step: this "
-                f"rank's all_reduce was paired with another layer or phase on some rank, or "
+                f"rank's collective was paired with another layer or phase on some rank, or "
                 f"the ranks' settings (eps, momentum) or running statistics differ (step keys "
                 f"sum to {total:.0f}, not {size}×{key}), so its values are wrong; "
                 f"{_hint(site.debug)}"

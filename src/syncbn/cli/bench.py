@@ -11,10 +11,11 @@ run, interleaved in rounds (A/B/C, then B/C/A, ...) so that drift hits all alike
   syncbn's sizes (``2C + 2`` float64 after the forward, ``2C + 2`` float64 inside
   backward, :class:`FloorCollectives`): no synchronized BatchNorm that computes
   like torch can be faster, so ``syncbn/floor`` is the figure of merit;
-- ``gather_floor``: the floor with syncbn's exchange on gloo groups of up to
-  ``_comm.GATHER_MAX_RANKS`` ranks, two bare ``dist.all_gather`` calls of the same
+- ``gather_floor``: the floor with syncbn's exchange: on gloo groups of up to
+  ``_comm.GATHER_MAX_RANKS`` ranks two bare ``dist.all_gather`` calls of the same
   sizes (``_comm.gathers``: syncbn sums its buffers that way there, in half the
-  message rounds of gloo's all-reduce). ``syncbn/floor`` compares syncbn with the
+  message rounds of gloo's all-reduce), above that the floor's all-reduces.
+  ``syncbn/floor`` compares syncbn with the
   all-reduce floor the issue defines; ``syncbn/gather_floor`` with the collectives
   syncbn actually runs, so it isolates syncbn's own work;
 - ``naive``: a synchronized BatchNorm written the way pure-Python implementations
@@ -278,10 +279,11 @@ class NaiveSyncBatchNorm(nn.Module):
 
 
 def _bare_collective(channels: int, group: Any, gather: bool) -> None:
-    """One bare collective of syncbn's size, ``2C + 2`` float64: an all_reduce, or an
-    all_gather of every rank's buffer (``gather``: what syncbn runs on small gloo groups)."""
+    """One bare collective of syncbn's size, ``2C + 2`` float64: an all_reduce, or with
+    ``gather`` the collective syncbn runs on this group (``_comm.gathers``: an all_gather of
+    every rank's buffer on gloo groups of up to 4 ranks, else the same all_reduce)."""
     buffer = torch.zeros(2 * channels + 2, dtype=torch.float64)
-    if gather:
+    if gather and _comm.gathers(group, buffer):
         table = torch.empty(dist.get_world_size(group), buffer.numel(), dtype=torch.float64)
         dist.all_gather(list(table.unbind()), buffer, group=group)
     else:
