@@ -350,8 +350,9 @@ def test_skipped_layer_raises_on_the_waiting_rank(
     # a layer timeout is reported as such; gloo's own timeout arrives as a failure
     waited = "failed after" if timeout_source == "group" else (
         f"did not complete within {LAYER_TIMEOUT_S:g} s")
-    # the message names the collective: gloo groups of up to 4 ranks sum by all_gather
-    assert f"the all_gather over 2 ranks {waited}" in message
+    # the message names the collective: the once-per-group mode check (an all_reduce) or
+    # the sum (an all_gather: gloo groups of up to 4 ranks)
+    assert re.search(f"the (all_reduce|all_gather) over 2 ranks {waited}", message), message
     assert "skipped this layer" in message and f"{DEBUG_ENV}=1" in message  # the hint
     _assert_waited(waiting, wait_s)
     _record(record_property, waiting["seconds"])

@@ -377,6 +377,36 @@ def test_channels_last_statistics_near_zero_skip_the_deviations(
         assert max(errors) <= 1e-6 < max(torch_errors), (errors, torch_errors)
 
 
+def _cl_bf16_task() -> dict[str, Any]:
+    rows = slice(4 * dist.get_rank(), 4 * dist.get_rank() + 4)
+    layer = syncbn.SyncBatchNorm(CL_SHAPE[1])
+    outputs = []
+    for step in range(3):
+        x = _cl_batch(step, 0.3, 1.0)[rows].bfloat16().requires_grad_()
+        y = layer(x)
+        y.float().pow(2).sum().backward()
+        outputs.append((y.detach().float(), x.grad.float()))
+    return {"outputs": outputs, "running_var": layer.running_var.clone()}
+
+
+def test_channels_last_bfloat16_takes_the_deviations_and_matches_the_oracle() -> None:
+    """16-bit inputs never take the kernel on x itself (its statistics would come back
+    rounded to 16 bits): the deviations, in float32, as before."""
+    results = harness.run_ranks(2, _cl_bf16_task)
+    bn = nn.BatchNorm2d(CL_SHAPE[1]).double()
+    for step in range(3):
+        x = _cl_batch(step, 0.3, 1.0).bfloat16().double().requires_grad_()
+        y = bn(x)
+        y.pow(2).sum().backward()
+        got_y = torch.cat([r["outputs"][step][0] for r in results]).double()
+        got_dx = torch.cat([r["outputs"][step][1] for r in results]).double()
+        torch.testing.assert_close(got_y, y.detach(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(got_dx, x.grad, rtol=5e-2, atol=5e-2)
+    for result in results:
+        torch.testing.assert_close(result["running_var"].double(), bn.running_var,
+                                   rtol=1e-3, atol=1e-3)
+
+
 # --- the plan's variants: the output as scratch, y and dx as broadcast multiply-adds ----------
 
 PLAN_SHAPES = {  # (rows on rank 0, rows on rank 1, rest): which StepPlan variant each takes

@@ -2,12 +2,12 @@
 
 Forward (one collective)::
 
-    local moments (Σx, m2)  →  all_reduce [Σx, Σx², count]  →  μ, σ² of the global batch
+    local moments (Σx, m2)  →  sum over ranks [Σx, Σx², count]  →  μ, σ² of the global batch
     y = w·(x − μ)·invstd + β,   invstd = 1/√(σ² + eps)
 
 Backward (one collective)::
 
-    local [Σdy, Σdy·x̂]  →  all_reduce  →  dx = a·dy + b·x + c   (see input_grad_coefficients)
+    local [Σdy, Σdy·x̂]  →  sum over ranks  →  dx = a·dy + b·x + c   (input_grad_coefficients)
     grad_weight = local Σdy·x̂,  grad_bias = local Σdy   (DDP sums them, as for torch)
 
 The normalization and the gradient reductions use torch's own batch-norm
@@ -385,7 +385,7 @@ def global_moments(
 ) -> tuple[Tensor, Tensor | None]:
     """The summed packing of the global batch (one collective), and Paddle's one-value flag.
 
-    Local moments about ``shift``, one all-reduce of ``2C + 2`` float64 values
+    Local moments about ``shift``, one sum over ranks of ``2C + 2`` float64 values
     when ``group_name`` is given (else this rank's packing); the caller merges
     (``_step.merge``, the same code on every rank whatever its local path).
     Computed without autograd: the Function's backward differentiates through

@@ -46,7 +46,7 @@ The shift ``s`` is a function of the layer's state alone (:func:`shift_from_stat
 so every rank holds it bitwise alike and a resumed or unpickled layer continues
 bitwise; a layer whose state holds no usable mean (its first step, no running
 statistics, ``momentum=0``, the Paddle flavour, the functional form) exchanges
-one first (:func:`exchange_shift`: one more all-reduce of the same size). Every
+one first (:func:`exchange_shift`: one more collective of the same size). Every
 rank of a group runs the same merge (host or torch, decided alike on every rank),
 so all hold bitwise identical statistics whichever path their own batch takes.
 """
@@ -158,7 +158,7 @@ LARGE_NUMEL = 1 << 17
 
 def exchange_shift(x: Tensor, mask: Tensor | None, group_name: str | None,
                    site: _comm.CallSite | None, call: int) -> Tensor:
-    """A shift every rank holds alike: the global mean, from one all-reduce of ``2C + 2``
+    """A shift every rank holds alike: the global mean, from one sum over ranks of ``2C + 2``
     float64 values ``[Σx, 0, count, key]`` (phase ``"shift"``); without a group, the local
     mean. Costs one collective: paid by a layer's first synchronized step in a process
     (and, in compiled code, by every step of a layer with no running mean to start from).
@@ -319,7 +319,7 @@ def _host_step(
     NumPy, in float64, on tensors of its own: the layer's small tensors come in by
     one ``cat`` (:func:`host_copy`) and the running buffers go back by ``copy_``.
     torch runs 10 kernels forward (that cat, the count's read, the deviations, two
-    sums, the all-reduce, the normalization, two write-backs; the module counts the step
+    sums, the collective, the normalization, two write-backs; the module counts the step
     with one more; channels_last: the statistics kernel instead of the two sums, on ``x``
     itself where :func:`near_shift` allows, without the deviations) and 5 backward
     (gloo's all_gather adds its receive copies, see ``_comm.gathers``). The formulas
@@ -341,7 +341,7 @@ def _host_step(
     out = torch.empty_like(xd) if plan.reuse else None
     packed = torch.empty(2 * channels + 2, dtype=torch.float64)
     host = packed.numpy()
-    if plan.stats_kernel and near_shift(plan.shift_host, old_var):
+    if plan.stats_kernel and not plan.sixteen_bit and near_shift(plan.shift_host, old_var):
         # torch's statistics kernel on x itself: one pass, no deviations (see near_shift)
         mean_x, var_x = torch.batch_norm_update_stats(xd, None, None, 0.0)
         m = mean_x.numpy().astype(np.float64) - plan.shift_host
@@ -407,7 +407,9 @@ def near_shift(shift: Any, running_var: Any) -> bool:
     same kernel), and the merge (``Σd = n·(m − s)``, ``Σd² = n·(v + (m − s)²)`` in
     float64) adds none. Far from 0 (μ/σ = 1e4) the deviations keep the variance to a
     few roundings where the kernel on ``x`` would lose ~1e-4 of it, so they stay.
-    A NaN or infinite running variance fails the test. The decision reads only the
+    16-bit inputs always take the deviations (in float32: the kernel's statistics of
+    a 16-bit input come back in its dtype). A NaN or infinite running variance fails
+    the test. The decision reads only the
     layer's state, so ranks in step decide alike, though nothing needs them to: the
     packed sums mean the same either way, and every rank merges the same sums.
     """
@@ -689,7 +691,7 @@ def input_grad(x: Tensor, dy: Tensor, mean: Tensor, a: Tensor, b: Tensor, c_prim
 class LeanBatchNormFunction(torch.autograd.Function):
     """``y = (x − μ)·w·invstd + β`` with global μ and invstd; exact gradients through them.
 
-    ``scales`` holds ``[a, a·invstd]`` with ``a = w·invstd``; backward all-reduces
+    ``scales`` holds ``[a, a·invstd]`` with ``a = w·invstd``; backward sums over the ranks
     ``[Σdy, Σdy·x̂]`` (``2C + 2`` float64 with the tail) and applies
     ``dx = a·dy + b·(x − μ) + c'`` with ``[c', b] = −[Σdy, Σdy·x̂]·[a, a·invstd]/N``,
     the expansion of ``dx = a·(dy − Σdy/N − x̂·Σ(dy·x̂)/N)`` (Ioffe & Szegedy 2015, §3;

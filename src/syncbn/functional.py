@@ -8,7 +8,7 @@ The three paths, chosen by named predicates:
   initialized, or the group has one rank. The global batch *is* the local batch,
   so ``F.batch_norm`` gives the identical result; it is used as is.
 - **synchronized**: :class:`~syncbn._autograd.SyncBatchNormFunction`, one
-  all-reduce forward and one backward.
+  sum over the ranks forward and one backward (``syncbn._comm``).
 """
 
 from __future__ import annotations

@@ -48,8 +48,9 @@ class SyncBatchNorm(GroupPicklingMixin, _BatchNorm):
     variance, ``momentum=None`` giving the cumulative average. In eval the running
     statistics normalize without any communication. Unlike torch's layer it trains
     on CPU (gloo) as well as on accelerators, with uneven and empty per-rank
-    batches, using one all-reduce of ``2C + 2`` values forward and one of ``2C + 2``
-    backward.
+    batches, using one collective of ``2C + 2`` values forward and one of ``2C + 2``
+    backward (an all-reduce; on gloo groups of up to 4 ranks an all_gather, which
+    takes half the message rounds there: ``syncbn._comm.gathers``).
 
     Without an initialized process group, or with a group of one rank, it is
     exactly ``torch.nn.BatchNorm{1,2,3}d`` (see ``functional.local_fallback_applies``).
