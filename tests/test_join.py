@@ -175,8 +175,8 @@ def test_join_equals_one_process_on_the_active_ranks_batches(
 
 def _with_all_reduce(task: Any, *args: Any) -> Any:
     """Run ``task`` with syncbn summing by all_reduce on this rank (``GATHER_MAX_RANKS`` 0):
-    the path of NCCL and of larger gloo groups, whose join shadows and mismatch messages
-    must pair all-reduces."""
+    the path of NCCL and of larger gloo groups, outside the join context as well as in it
+    (where the layers' sums are all-reduces in any case)."""
     saved = _comm.GATHER_MAX_RANKS
     _comm.GATHER_MAX_RANKS = 0
     try:
@@ -385,11 +385,40 @@ def test_layer_skipped_in_the_last_step_is_an_error_on_every_rank(
     assert max(r["seconds"] for r in results) < 10  # the group's timeout is 20 s
 
 
+def _float64_gathers_under_join() -> list[int]:
+    """The sizes of the float64 all_gathers while ``syncbn.join`` shadows a rank (rank 0: 1
+    batch, rank 1: 3), on a gloo group that gathers outside the join."""
+    rank = dist.get_rank()
+    model = syncbn.convert_sync_batchnorm(_model())
+    sizes: list[int] = []
+    original = dist.all_gather
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        if args[1].dtype == torch.float64:
+            sizes.append(args[1].numel())
+        return original(*args, **kwargs)
+
+    dist.all_gather = counting
+    try:
+        with syncbn.join(model):
+            for step in range((1, 3)[rank]):
+                _loss(model(_batch(rank, step))).backward()
+    finally:
+        dist.all_gather = original
+    return sizes
+
+
+def test_under_join_the_layers_sum_by_all_reduce() -> None:
+    """Under syncbn.join the layers' sums run on its shadow groups by all_reduce (the kind
+    its replay and mismatch messages pair), though the group gathers outside it."""
+    assert harness.run_ranks(2, _float64_gathers_under_join, timeout=TIMEOUT_S) == [[], []]
+
+
 def test_layer_skipped_on_the_all_reduce_path_is_an_error_on_every_rank(
         own_pool: harness.DistPool) -> None:
     """The mismatch message the active rank sends into the joined rank's replay pairs
-    the joined rank's collective: an all_reduce here (an all_gather on small gloo
-    groups), else the joined rank waits for its timeout."""
+    the joined rank's collective (an all_reduce: under syncbn.join every rank sums by
+    all_reduce, whatever the cap), else the joined rank waits for its timeout."""
     results = own_pool.run(_with_all_reduce, _skipped_branch, [2, 3], False,
                            timeout=TIMEOUT_S)
     for rank, result in enumerate(results):

@@ -502,7 +502,10 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     the ring all-reduce moves ``2(W − 1)/W·n``, and gloo copies each of the ``W``
     received rows out of its buffer (small copies, but ``W`` ops: a layer-step runs
     ``16 + 2W`` ops by ``syncbn.cli.kernels``' count, 16 with the all-reduce), which
-    the cap keeps within the issue's bound of 25.
+    the cap keeps within the issue's bound of 25. Under ``syncbn.join`` the layers'
+    collectives run on the join's shadow groups by all_reduce whatever this says
+    (:func:`reduce_checked_`), so the join's replay and its mismatch messages
+    (:func:`send_mismatch`) pair all-reduces as they always have.
 
     The sum of the rows is exact to one rounding per row, as the all-reduce's, and
     the same code on the same rows gives every rank bitwise the same result. NCCL
@@ -756,7 +759,8 @@ def send_mismatch(process_group: ProcessGroup, numel: int, device: torch.device)
     """
     buffer = torch.zeros(numel, dtype=torch.float64, device=device)
     with contextlib.suppress(RuntimeError):  # best effort: an aborted group refuses at once
-        keep_work(_start_sum(buffer, process_group)[0])  # the kind of collective the peer runs
+        # the collective a peer under syncbn.join runs (reduce_checked_: an all_reduce)
+        keep_work(_start_sum(buffer, process_group, gather=False)[0])
     keep_group(process_group)
 
 
@@ -840,7 +844,11 @@ def reduce_checked_(buffer: Tensor, group_name: str, site: CallSite, phase: str,
     if site.debug:
         check_fingerprint(site, phase, process_group, buffer.device, shown, shape_t)
     reads = host is not None or _policy.host_reads(buffer.device)
-    _all_reduce_sum(buffer, process_group, site, phase, shown, shape_t, reads)
+    # under syncbn.join every rank (active or replaying) sums by all_reduce, as the join's
+    # mismatch messages do (send_mismatch): its shadow rounds keep the collective they
+    # were built and tested with
+    _all_reduce_sum(buffer, process_group, site, phase, shown, shape_t, reads,
+                    gather=False if observer is not None else None)
     if not (reads or site.debug or single_value_check):
         return None
     if host is not None:
