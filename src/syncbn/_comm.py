@@ -530,13 +530,11 @@ def gathers(process_group: ProcessGroup, tensor: Tensor) -> bool:
     return isinstance(backend, getattr(dist, "ProcessGroupGloo", ()))
 
 
-def _start_sum(tensor: Tensor, process_group: ProcessGroup, gather: bool | None = None
+def _start_sum(tensor: Tensor, process_group: ProcessGroup, gather: bool
                ) -> tuple[Any, Tensor | None]:
-    """Start summing ``tensor`` over the group (an all_gather where ``gather``, by default
-    :func:`gathers`' answer, else an all_reduce); the work handle and, for a gather, the
+    """Start summing ``tensor`` over the group (an all_gather where ``gather``, see
+    :func:`gathers`, else an all_reduce); the work handle and, for a gather, the
     ``(W, numel)`` table that :func:`_finish_sum` sums once the work is done."""
-    if gather is None:
-        gather = gathers(process_group, tensor)
     if gather:
         table = tensor.new_empty((process_group.size(), tensor.numel()))
         work = dist.all_gather(list(table.unbind()), tensor.reshape(-1), group=process_group,

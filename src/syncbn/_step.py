@@ -341,23 +341,21 @@ def _host_step(
     out = torch.empty_like(xd) if plan.reuse else None
     packed = torch.empty(2 * channels + 2, dtype=torch.float64)
     host = packed.numpy()
-    if plan.stats_kernel and not plan.sixteen_bit and near_shift(plan.shift_host, old_var):
-        # torch's statistics kernel on x itself: one pass, no deviations (see near_shift)
-        mean_x, var_x = torch.batch_norm_update_stats(xd, None, None, 0.0)
-        m = mean_x.numpy().astype(np.float64) - plan.shift_host
-        np.multiply(m, plan.count, out=host[:channels])
-        host[channels:-2] = (var_x.numpy() + m * m) * plan.count
-    elif plan.stats_kernel:  # one pass: torch's statistics kernel gives Σd/n and the biased
-        # variance, so Σd = n·m and Σd² = n·(v + m²) (m is small: d is centred near 0)
-        d = torch.sub(xd, plan.shift_view,
-                      out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
+    # the deviations d = x − s, except where torch's statistics kernel may take x itself
+    # (channels_last near 0, see near_shift: one pass fewer)
+    direct = plan.stats_kernel and not plan.sixteen_bit and near_shift(plan.shift_host, old_var)
+    d = xd if direct else torch.sub(
+        xd, plan.shift_view, out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
+    if plan.stats_kernel:  # one pass: torch's statistics kernel gives the mean m and the
+        # biased variance v of d, so Σ(x − s) = n·m' and Σ(x − s)² = n·(v + m'²), with m' = m
+        # about the shift (m' = m − s where d is x itself; m' is small: near the mean)
         mean_d, var_d = torch.batch_norm_update_stats(d, None, None, 0.0)
         m = mean_d.numpy().astype(np.float64)
+        if direct:
+            m -= plan.shift_host
         np.multiply(m, plan.count, out=host[:channels])
         host[channels:-2] = (var_d.numpy() + m * m) * plan.count
     else:
-        d = torch.sub(xd, plan.shift_view,
-                      out=out if out is not None else torch.empty_like(xd, dtype=plan.acc))
         host[:channels] = d.sum(plan.dims).numpy()
         host[channels:-2] = d.square_().sum(plan.dims).numpy()
     host[-2] = plan.count
